@@ -1,0 +1,285 @@
+"""Turns a tfds dataset name into normalized arrays or batches.
+
+tfds is the source of truth. MNIST ships with the package (the original IDX files), so that
+`tfds.load("mnist")` works on machines that reach no dataset host: the first load prepares it from
+the bundled files through tfds' own `MNIST` builder. Where TensorFlow is not installed, MNIST is read
+from the same files with numpy, in the order tfds would give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import importlib.resources
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+BUNDLED_MNIST = importlib.resources.files("mnist_jax") / "bundled" / "mnist"
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_MAGIC = {"images": 2051, "labels": 2049}
+
+
+class DataError(Exception):
+  """A dataset that cannot be loaded, with a message that says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split held in memory: uint8 images `[N, H, W, C]` and int32 labels `[N]`."""
+
+  images_NHWC: np.ndarray
+  labels_N: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels_N)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the reports need to know about a dataset."""
+
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  class_names: tuple[str, ...]
+
+
+def have_tensorflow() -> bool:
+  """Whether TensorFlow and tfds can be imported here."""
+  try:
+    _tfds()
+  except ImportError:
+    return False
+  return True
+
+
+@functools.cache
+def _tfds():
+  """Imports tfds quietly, with TensorFlow kept off the accelerators JAX uses."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # TensorFlow only decodes and batches here; without oneDNN it starts faster and says nothing.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  tf.config.set_visible_devices([], "GPU")
+  tf.get_logger().setLevel("ERROR")
+  tfds.disable_progress_bar()
+  return tfds
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled MNIST files.
+
+
+def verified_mnist_bytes(filename: str) -> bytes:
+  """Returns the decompressed bytes of a bundled MNIST file after checking its SHA-256."""
+  expected = dict(
+      reversed(line.split()) for line in (BUNDLED_MNIST / "SHA256SUMS").read_text().splitlines()
+  )
+  try:
+    raw = gzip.decompress((BUNDLED_MNIST / f"{filename}.gz").read_bytes())
+  except (OSError, EOFError) as e:
+    raise DataError(f"bundled MNIST file {filename}.gz cannot be read ({e}); reinstall mnist_jax") from e
+  if hashlib.sha256(raw).hexdigest() != expected[filename]:
+    raise DataError(
+        f"bundled MNIST file {filename}.gz fails its SHA-256 check; reinstall mnist_jax"
+    )
+  return raw
+
+
+def _parse_idx(raw: bytes, kind: str) -> np.ndarray:
+  ndim = 3 if kind == "images" else 1
+  header = np.frombuffer(raw, ">i4", count=1 + ndim)
+  if header[0] != _IDX_MAGIC[kind]:
+    raise DataError(f"not an IDX {kind} file (magic number {header[0]})")
+  return np.frombuffer(raw, np.uint8, offset=4 * (1 + ndim)).reshape(header[1:])
+
+
+def tfds_order(num_examples: int, split: str) -> np.ndarray:
+  """The order in which tfds stores examples keyed 0..num_examples-1 in `split`.
+
+  tfds sorts the examples of a split by the MD5 of the split name followed by the key (see
+  `tensorflow_datasets/core/hashing.py`); MNIST's keys are the positions in the original files.
+  """
+  salt = hashlib.md5(split.encode())
+
+  def hashed(key: int) -> bytes:
+    md5 = salt.copy()
+    md5.update(str(key).encode())
+    return md5.digest()
+
+  return np.array(sorted(range(num_examples), key=hashed))
+
+
+def load_bundled_mnist(split: str) -> Split:
+  """Reads a split of the bundled MNIST with numpy only, in the order `tfds.load` gives."""
+  images_file, labels_file = _MNIST_FILES[split]
+  images = _parse_idx(verified_mnist_bytes(images_file), "images")[..., None]
+  labels = _parse_idx(verified_mnist_bytes(labels_file), "labels").astype(np.int32)
+  order = tfds_order(len(labels), split)
+  return Split(images[order], labels[order])
+
+
+def _prepare_bundled_mnist(data_dir: str | None) -> None:
+  """Writes tfds' `mnist` into `data_dir` from the bundled files, with tfds' own builder."""
+  tfds = _tfds()
+  extracted: dict[str, str] = {}
+
+  class BundledMNIST(tfds.image_classification.MNIST, skip_registration=True):
+    name = "mnist"
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # Nothing to download: the files ship with this package.
+      out_dir = os.path.join(self.data_dir_root, "downloads", "mnist_jax_bundled")
+      os.makedirs(out_dir, exist_ok=True)
+      for images_file, labels_file in _MNIST_FILES.values():
+        for filename in (images_file, labels_file):
+          path = os.path.join(out_dir, filename)
+          with open(path, "wb") as f:
+            f.write(verified_mnist_bytes(filename))
+          extracted[filename] = path
+      return [
+          tfds.core.SplitGenerator(
+              name=split,
+              gen_kwargs=dict(
+                  num_examples=60_000 if split == "train" else 10_000,
+                  data_path=extracted[images_file],
+                  label_path=extracted[labels_file],
+              ),
+          )
+          for split, (images_file, labels_file) in _MNIST_FILES.items()
+      ]
+
+  BundledMNIST(data_dir=data_dir).download_and_prepare()
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds.
+
+
+def _builder(name: str, data_dir: str | None):
+  """A prepared tfds builder for `name`, preparing the bundled MNIST where needed."""
+  tfds = _tfds()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f"unknown dataset {name!r}: not a tfds dataset name") from e
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise DataError(f"dataset {name!r} is not an image classification dataset")
+  if builder.is_prepared():
+    return builder
+  if name == "mnist":
+    _prepare_bundled_mnist(data_dir)
+    return tfds.builder(name, data_dir=data_dir)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # tfds raises many kinds of errors for a failed download.
+    raise DataError(
+        f"dataset {name!r} is not prepared in {builder.data_dir} and cannot be downloaded here "
+        f"({type(e).__name__}); run `tfds build {name}` on a machine with network access and "
+        f"copy its data dir here (set config.data_dir or TFDS_DATA_DIR)"
+    ) from e
+  return builder
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+  """Shape, number of classes and class names of a dataset."""
+  if name == "mnist" and not have_tensorflow():
+    return DatasetInfo("mnist", (28, 28, 1), 10, tuple(str(d) for d in range(10)))
+  if not have_tensorflow():
+    raise DataError(f"dataset {name!r} needs tensorflow-datasets; only 'mnist' loads without it")
+  features = _builder(name, data_dir).info.features
+  return DatasetInfo(
+      name,
+      tuple(features["image"].shape),
+      features["label"].num_classes,
+      tuple(features["label"].names),
+  )
+
+
+def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
+  """How many examples a split holds."""
+  if not have_tensorflow():
+    return len(load_split(name, split, data_dir))
+  return _builder(name, data_dir).info.splits[split].num_examples
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
+  """Loads a whole tfds split into memory as uint8 images and int32 labels."""
+  builder = _builder(name, data_dir)
+  arrays = _tfds().as_numpy(
+      builder.as_dataset(split=split, batch_size=-1, as_supervised=True, shuffle_files=False)
+  )
+  images, labels = arrays
+  return Split(images, labels.astype(np.int32))
+
+
+def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
+  """Loads a whole split: through tfds where it is installed, else the bundled MNIST."""
+  if have_tensorflow():
+    return load_tfds(name, split, data_dir)
+  if name != "mnist":
+    raise DataError(f"dataset {name!r} needs tensorflow-datasets; only 'mnist' loads without it")
+  if split not in _MNIST_FILES:
+    raise DataError(f"split {split!r} needs tensorflow-datasets; without it use 'train' or 'test'")
+  return load_bundled_mnist(split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization and the streaming pipeline.
+
+
+def normalize(images: Any, mean: float, std: float) -> Any:
+  """uint8 pixels -> float32: divided by 255 (the notebook's step), then `(x - mean) / std`.
+
+  Written with operators only, so the same line serves numpy, JAX and TensorFlow arrays of float32.
+  """
+  return (images / 255.0 - mean) / std
+
+
+def stream_batches(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    mean: float,
+    std: float,
+    shuffle_seed: int | None = None,
+    shuffle_buffer: int = 60_000,
+    data_dir: str | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """One pass of a tf.data pipeline over a split, as numpy batches with a `mask`.
+
+  With a `shuffle_seed` (training) the split is shuffled and the last partial batch dropped;
+  without one (evaluation) the order is kept and the last batch is padded, its padding masked.
+  """
+  tfds = _tfds()
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  ds = _builder(name, data_dir).as_dataset(split=split, as_supervised=True, shuffle_files=False)
+  if shuffle_seed is not None:
+    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+  ds = ds.batch(batch_size, drop_remainder=shuffle_seed is not None)
+
+  def to_batch(images, labels):
+    count = tf.shape(labels)[0]
+    padding = batch_size - count
+    images = tf.pad(tf.cast(images, tf.float32), [[0, padding], [0, 0], [0, 0], [0, 0]])
+    return {
+        "image": normalize(images, mean, std),
+        "label": tf.pad(tf.cast(labels, tf.int32), [[0, padding]]),
+        "mask": tf.range(batch_size) < count,
+    }
+
+  ds = ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))

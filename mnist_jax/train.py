@@ -1,0 +1,377 @@
+"""Pure train and eval steps, the epoch loops of both input pipelines, and `train_and_evaluate`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from mnist_jax import data, models
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class ConfigError(Exception):
+  """A config value that cannot work, with a message that says which and why."""
+
+
+class TrainingError(Exception):
+  """Training cannot go on (for example the loss stopped being finite)."""
+
+
+class TrainState(train_state.TrainState):
+  """Flax's train state plus this model's dropout key, folded with the step at each step."""
+
+  dropout_rng: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the state.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses values that cannot train, each with one line that names the field."""
+  if config.batch_size <= 0:
+    raise ConfigError(f"config.batch_size must be positive, got {config.batch_size}")
+  if config.eval_batch_size <= 0:
+    raise ConfigError(f"config.eval_batch_size must be positive, got {config.eval_batch_size}")
+  if config.num_epochs < 0:
+    raise ConfigError(f"config.num_epochs must be >= 0, got {config.num_epochs}")
+  if config.learning_rate <= 0:
+    raise ConfigError(f"config.learning_rate must be positive, got {config.learning_rate}")
+  if config.input_pipeline not in ("device", "stream"):
+    raise ConfigError(
+        f"config.input_pipeline must be 'device' or 'stream', got {config.input_pipeline!r}"
+    )
+  if config.model not in models.MODELS:
+    raise ConfigError(f"config.model must be one of {sorted(models.MODELS)}, got {config.model!r}")
+  if config.optimizer not in _OPTIMIZERS:
+    raise ConfigError(
+        f"config.optimizer must be one of {sorted(_OPTIMIZERS)}, got {config.optimizer!r}"
+    )
+  if config.lr_schedule not in ("constant", "cosine"):
+    raise ConfigError(
+        f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}"
+    )
+  if config.pixel_std <= 0:
+    raise ConfigError(f"config.pixel_std must be positive, got {config.pixel_std}")
+
+
+_OPTIMIZERS = {
+    "adam": lambda lr, config: optax.adam(lr),
+    "adamw": lambda lr, config: optax.adamw(lr, weight_decay=config.weight_decay),
+    "sgd": lambda lr, config: optax.sgd(lr, momentum=config.momentum or None, nesterov=True),
+}
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  """The optimizer named by `config.optimizer` with `config.lr_schedule` over the whole run."""
+  if config.lr_schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(
+        config.learning_rate, decay_steps=max(1, config.num_epochs * steps_per_epoch)
+    )
+  else:
+    learning_rate = config.learning_rate
+  return _OPTIMIZERS[config.optimizer](learning_rate, config)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    info: data.DatasetInfo,
+    rng: jax.Array,
+    steps_per_epoch: int,
+) -> TrainState:
+  """Initializes the model named by `config.model` and its optimizer."""
+  try:
+    model = models.create_model(config.model, info.num_classes, **config.model_args)
+  except (TypeError, AttributeError) as e:
+    raise ConfigError(f"config.model_args do not fit model {config.model!r}: {e}") from e
+  params_rng, dropout_rng = jax.random.split(rng)
+  try:
+    variables = model.init(params_rng, jnp.zeros((1, *info.image_shape)), train=False)
+  except AttributeError as e:
+    raise ConfigError(f"config.model_args: {e}") from e
+  return TrainState.create(
+      apply_fn=model.apply,
+      params=variables["params"],
+      tx=create_optimizer(config, steps_per_epoch),
+      dropout_rng=dropout_rng,
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure steps.
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  """One Adam (or other optax) step on a batch of normalized images and integer labels."""
+  dropout_rng = jax.random.fold_in(state.dropout_rng, state.step)
+
+  def loss_fn(params):
+    logits_BC = state.apply_fn(
+        {"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng}
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["label"]).mean()
+    return loss, logits_BC
+
+  (loss, logits_BC), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  accuracy = jnp.mean(jnp.argmax(logits_BC, -1) == batch["label"])
+  return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(state: TrainState, batch: Batch) -> Metrics:
+  """Sums of loss and correct predictions over the examples where `batch["mask"]` is true."""
+  logits_BC = state.apply_fn({"params": state.params}, batch["image"], train=False)
+  losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["label"])
+  correct_B = jnp.argmax(logits_BC, -1) == batch["label"]
+  mask_B = batch["mask"]
+  return {
+      "loss": jnp.sum(jnp.where(mask_B, losses_B, 0.0)),
+      "correct": jnp.sum(correct_B & mask_B),
+      "count": jnp.sum(mask_B),
+  }
+
+
+def summarize_eval(sums: Metrics) -> Metrics:
+  """Mean loss and accuracy from the sums of `eval_step`."""
+  return {
+      "loss": sums["loss"] / sums["count"],
+      "accuracy": sums["correct"] / sums["count"],
+      "count": sums["count"],
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# The device pipeline: the whole split on the accelerator, an epoch as one compiled scan.
+
+
+def train_epoch(
+    state: TrainState,
+    images_NHWC: jax.Array,
+    labels_N: jax.Array,
+    epoch_rng: jax.Array,
+    *,
+    batch_size: int,
+    mean: float,
+    std: float,
+) -> tuple[TrainState, Metrics]:
+  """One epoch over device-resident uint8 images, shuffled by `epoch_rng`, as a `lax.scan`.
+
+  The last `N % batch_size` examples of each permutation are left out, so every step has the
+  same shape; a new permutation each epoch means every example is seen.
+  """
+  steps = images_NHWC.shape[0] // batch_size
+  order_SB = jax.random.permutation(epoch_rng, images_NHWC.shape[0])[: steps * batch_size]
+  order_SB = order_SB.reshape(steps, batch_size)
+
+  def step(state, indices_B):
+    batch = {
+        "image": data.normalize(images_NHWC[indices_B].astype(jnp.float32), mean, std),
+        "label": labels_N[indices_B],
+    }
+    return train_step(state, batch)
+
+  state, metrics_S = jax.lax.scan(step, state, order_SB)
+  return state, jax.tree.map(jnp.mean, metrics_S)
+
+
+def evaluate(
+    state: TrainState,
+    images_NHWC: jax.Array,
+    labels_N: jax.Array,
+    *,
+    batch_size: int,
+    mean: float,
+    std: float,
+) -> Metrics:
+  """Loss and accuracy over every example, the last batch padded and masked, as a `lax.scan`."""
+  num_examples = images_NHWC.shape[0]
+  steps = -(-num_examples // batch_size)
+  padding = steps * batch_size - num_examples
+  images_SB = jnp.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3).reshape(
+      steps, batch_size, *images_NHWC.shape[1:]
+  )
+  labels_SB = jnp.pad(labels_N, (0, padding)).reshape(steps, batch_size)
+  mask_SB = (jnp.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
+
+  def step(sums, batch):
+    images, labels, mask = batch
+    batch = {
+        "image": data.normalize(images.astype(jnp.float32), mean, std),
+        "label": labels,
+        "mask": mask,
+    }
+    return jax.tree.map(jnp.add, sums, eval_step(state, batch)), None
+
+  zeros = {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
+  sums, _ = jax.lax.scan(step, zeros, (images_SB, labels_SB, mask_SB))
+  return summarize_eval(sums)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream pipeline: tf.data batches fed to the same jitted step.
+
+
+def train_epoch_stream(
+    train_step_fn, state: TrainState, batches: Iterable[Batch]
+) -> tuple[TrainState, Metrics]:
+  """One epoch of host batches through a jitted `train_step`; metrics stay on the device."""
+  totals, steps = None, 0
+  for batch in batches:
+    state, metrics = train_step_fn(state, batch)
+    totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+    steps += 1
+  if totals is None:
+    raise ConfigError("the training split has fewer examples than config.batch_size")
+  return state, jax.tree.map(lambda total: total / steps, totals)
+
+
+def evaluate_stream(eval_step_fn, state: TrainState, batches: Iterable[Batch]) -> Metrics:
+  """Loss and accuracy over padded and masked host batches, through a jitted `eval_step`."""
+  sums = None
+  for batch in batches:
+    batch_sums = eval_step_fn(state, batch)
+    sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+  return summarize_eval(sums)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _epoch_rng(data_rng: jax.Array, epoch: int) -> jax.Array:
+  return jax.random.fold_in(data_rng, epoch)
+
+
+def _stream_seed(epoch_rng: jax.Array) -> int:
+  """A tf.data shuffle seed drawn from the epoch's key, so both pipelines derive order alike."""
+  return int(jax.random.bits(epoch_rng, dtype=jnp.uint32) >> 1)
+
+
+def _to_host(metrics: Metrics) -> dict[str, float]:
+  return {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+class _Run:
+  """Compiled epoch and eval functions of one pipeline, with the data they read."""
+
+  def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
+    self.config = config
+    norm = dict(mean=config.pixel_mean, std=config.pixel_std)
+    if config.input_pipeline == "device":
+      train = data.load_split(config.dataset, "train", config.data_dir)
+      test = data.load_split(config.dataset, "test", config.data_dir)
+      self.train_arrays = jax.device_put((train.images_NHWC, train.labels_N))
+      self.test_arrays = jax.device_put((test.images_NHWC, test.labels_N))
+      start = time.perf_counter()
+      epoch_rng = _epoch_rng(jax.random.PRNGKey(0), 0)
+      self._train_epoch = (
+          jax.jit(train_epoch, donate_argnums=0, static_argnames=("batch_size", "mean", "std"))
+          .lower(state, *self.train_arrays, epoch_rng, batch_size=config.batch_size, **norm)
+          .compile()
+      )
+      self._evaluate = (
+          jax.jit(evaluate, static_argnames=("batch_size", "mean", "std"))
+          .lower(state, *self.test_arrays, batch_size=config.eval_batch_size, **norm)
+          .compile()
+      )
+      self.compile_time_s = time.perf_counter() - start
+    else:
+      self._train_step = jax.jit(train_step, donate_argnums=0)
+      self._eval_step = jax.jit(eval_step)
+      self.compile_time_s = 0.0  # Compiled at the first step, inside the first epoch's time.
+
+  def train_epoch(self, state: TrainState, epoch_rng: jax.Array) -> tuple[TrainState, Metrics]:
+    if self.config.input_pipeline == "device":
+      return self._train_epoch(state, *self.train_arrays, epoch_rng)
+    batches = data.stream_batches(
+        self.config.dataset, "train", batch_size=self.config.batch_size,
+        mean=self.config.pixel_mean, std=self.config.pixel_std,
+        shuffle_seed=_stream_seed(epoch_rng), data_dir=self.config.data_dir,
+    )
+    return train_epoch_stream(self._train_step, state, batches)
+
+  def evaluate(self, state: TrainState) -> Metrics:
+    if self.config.input_pipeline == "device":
+      return self._evaluate(state, *self.test_arrays)
+    batches = data.stream_batches(
+        self.config.dataset, "test", batch_size=self.config.eval_batch_size,
+        mean=self.config.pixel_mean, std=self.config.pixel_std, data_dir=self.config.data_dir,
+    )
+    return evaluate_stream(self._eval_step, state, batches)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` for `config.num_epochs`, evaluating on the test split after each epoch.
+
+  Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
+  `workdir`, prints one line per epoch, and returns the final metrics.
+  """
+  validate_config(config)
+  info = data.dataset_info(config.dataset, config.data_dir)
+  num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(
+        f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
+    )
+  init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = create_train_state(config, info, init_rng, steps_per_epoch)
+  run = _Run(config, state)
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2) + "\n")
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  open(metrics_path, "w").close()
+
+  record: dict[str, Any] = {}
+  train_time_s = 0.0
+  for epoch in range(1, config.num_epochs + 1):
+    start = time.perf_counter()
+    state, train_metrics = run.train_epoch(state, _epoch_rng(data_rng, epoch))
+    train_metrics = _to_host(train_metrics)
+    epoch_time_s = time.perf_counter() - start
+    train_time_s += epoch_time_s
+    if not math.isfinite(train_metrics["loss"]):
+      raise TrainingError(
+          f"the training loss became {train_metrics['loss']} in epoch {epoch}; "
+          f"lower config.learning_rate (now {config.learning_rate})"
+      )
+    test_metrics = _to_host(run.evaluate(state))
+    record = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "train_loss": train_metrics["loss"],
+        "train_accuracy": train_metrics["accuracy"],
+        "test_loss": test_metrics["loss"],
+        "test_accuracy": test_metrics["accuracy"],
+        "test_examples": int(test_metrics["count"]),
+        "epoch_time_s": epoch_time_s,
+    }
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    print(
+        f"epoch {epoch}/{config.num_epochs}  train_loss {record['train_loss']:.4f}  "
+        f"train_acc {record['train_accuracy']:.4f}  test_loss {record['test_loss']:.4f}  "
+        f"test_acc {record['test_accuracy']:.4f}  {epoch_time_s:.2f}s",
+        flush=True,
+    )
+
+  final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
+  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+    json.dump(final, f, indent=2)
+  return final
