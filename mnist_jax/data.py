@@ -16,6 +16,7 @@ import importlib.resources
 import os
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -181,8 +182,13 @@ def _builder(name: str, data_dir: str | None):
   if name == "mnist":
     _prepare_bundled_mnist(data_dir)
     return tfds.builder(name, data_dir=data_dir)
+  # tfds retries a failed download ten times with backoff, minutes where there is no network.
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
+
+  retries = {"MAX_RETRIES": 1} if hasattr(downloader, "MAX_RETRIES") else {}
   try:
-    builder.download_and_prepare()
+    with mock.patch.multiple(downloader, **retries):
+      builder.download_and_prepare()
   except Exception as e:  # tfds raises many kinds of errors for a failed download.
     raise DataError(
         f"dataset {name!r} is not prepared in {builder.data_dir} and cannot be downloaded here "

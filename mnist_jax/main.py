@@ -3,6 +3,7 @@
 This module owns the flags and nothing else; each mode is a function of a config and a workdir.
 """
 
+import ast
 import sys
 
 from absl import app, flags, logging
@@ -19,9 +20,37 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and check
 _EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError)
 
 
+def _one_line(error: Exception) -> str:
+  """The gist of an exception from absl or ml_collections, on one line."""
+  text = str(error).strip()
+  while text[:1] in ("'", '"'):  # ml_collections nests the repr of a KeyError in its message.
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      break
+  lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+  if "attribute 'get_config'" in text:
+    return "the config file defines no get_config(arg=None)"
+  if isinstance(error, (AttributeError, KeyError)):
+    return f"unknown config field {' '.join(lines)}"
+  return lines[-1]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, and loading the config file, with any mistake told in one line."""
+  try:
+    remaining = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # A file that failed to load raises only when it is first read.
+  except Exception as e:  # A config file can fail in any way; each is the user's to fix.
+    sys.exit(f"mnist_jax: bad flags: {_one_line(e)}")
+  if len(remaining) > 1:
+    sys.exit(f"mnist_jax: unexpected arguments: {' '.join(remaining[1:])}")
+  return remaining
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
   if _CONFIG.value is None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
@@ -34,4 +63,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

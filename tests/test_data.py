@@ -1,0 +1,83 @@
+"""The data module on the real bundled MNIST: counts, order, checksums, both pipelines."""
+
+import numpy as np
+import pytest
+
+from mnist_jax import data
+
+# From the MNIST README that ships with the files.
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_splits_have_the_known_shapes_and_label_counts(mnist_train, mnist_test):
+  assert mnist_train.images_NHWC.shape == (60_000, 28, 28, 1)
+  assert mnist_test.images_NHWC.shape == (10_000, 28, 28, 1)
+  assert mnist_train.images_NHWC.dtype == np.uint8
+  assert mnist_train.labels_N.dtype == np.int32
+  assert np.bincount(mnist_train.labels_N).tolist() == TRAIN_COUNTS
+  assert np.bincount(mnist_test.labels_N).tolist() == TEST_COUNTS
+
+
+def test_tfds_and_numpy_paths_give_identical_arrays_in_identical_order(mnist_train, mnist_test):
+  for split, from_tfds in (("train", mnist_train), ("test", mnist_test)):
+    from_numpy = data.load_bundled_mnist(split)
+    np.testing.assert_array_equal(from_numpy.images_NHWC, from_tfds.images_NHWC)
+    np.testing.assert_array_equal(from_numpy.labels_N, from_tfds.labels_N)
+
+
+def test_plain_tfds_load_works_once_prepared(mnist_test):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  images, labels = tfds.as_numpy(tfds.load("mnist", split="test", batch_size=-1, as_supervised=True))
+  np.testing.assert_array_equal(images, mnist_test.images_NHWC)
+  np.testing.assert_array_equal(labels, mnist_test.labels_N)
+
+
+def test_checksum_mismatch_names_the_file(tmp_path, monkeypatch):
+  bundled = tmp_path / "mnist"
+  bundled.mkdir()
+  for item in data.BUNDLED_MNIST.iterdir():
+    (bundled / item.name).write_bytes(item.read_bytes())
+  sums = (bundled / "SHA256SUMS").read_text().replace("0fa7898d", "0fa7898e")
+  (bundled / "SHA256SUMS").write_text(sums)
+  monkeypatch.setattr(data, "BUNDLED_MNIST", bundled)
+  with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz fails its SHA-256"):
+    data.load_bundled_mnist("test")
+
+
+def test_normalize_maps_pixels_to_unit_interval(mnist_test):
+  images = data.normalize(mnist_test.images_NHWC.astype(np.float32), 0.0, 1.0)
+  assert images.dtype == np.float32
+  assert images.min() == 0.0 and images.max() == 1.0
+  standardized = data.normalize(mnist_test.images_NHWC.astype(np.float32), 0.1307, 0.3081)
+  assert abs(standardized.mean()) < 0.05 and abs(standardized.std() - 1.0) < 0.05
+
+
+def test_stream_batches_match_the_in_memory_split(mnist_test):
+  batches = list(data.stream_batches("mnist", "test", batch_size=3000, mean=0.0, std=1.0))
+  assert [b["image"].shape for b in batches] == [(3000, 28, 28, 1)] * 4
+  assert [int(b["mask"].sum()) for b in batches] == [3000, 3000, 3000, 1000]
+  images = np.concatenate([b["image"] for b in batches])[:10_000]
+  labels = np.concatenate([b["label"] for b in batches])[:10_000]
+  expected = data.normalize(mnist_test.images_NHWC.astype(np.float32), 0.0, 1.0)
+  np.testing.assert_array_equal(images, expected)
+  np.testing.assert_array_equal(labels, mnist_test.labels_N)
+
+
+def test_shuffled_stream_is_a_seeded_permutation():
+  def first_labels(seed):
+    batches = data.stream_batches("mnist", "test", batch_size=4096, mean=0.0, std=1.0,
+                                  shuffle_seed=seed)
+    return [b["label"] for b in batches]
+
+  first, again, other = first_labels(1), first_labels(1), first_labels(2)
+  assert len(first) == 2  # 10,000 // 4096, the partial batch dropped.
+  np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+  assert not np.array_equal(np.concatenate(first), np.concatenate(other))
+
+
+def test_unknown_dataset_is_a_clear_error():
+  with pytest.raises(data.DataError, match="unknown dataset 'no_such_dataset'"):
+    data.dataset_info("no_such_dataset")
+

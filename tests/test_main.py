@@ -1,0 +1,48 @@
+"""`python -m mnist_jax.main` end to end, and every bad input it must refuse in one line."""
+
+import json
+
+import pytest
+
+from conftest import run_main
+
+
+def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path):
+  result = run_main("--config=experiments/seed_mlp.py", "--config.num_epochs=1",
+                    f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("epoch 1/1  train_loss ")
+  assert result.stderr == ""  # No TensorFlow or XLA start-up chatter.
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert final["test_accuracy"] >= 0.93
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["batch_size"] == 32 and config["model_args"]["hidden_sizes"] == [128]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config=experiments/no_such.py"], "No such file or directory"),
+        (["--config=tests/conftest.py"], "defines no get_config"),
+        (["--config=experiments/seed_mlp.py", "--config.lerning_rate=0.1"],
+         "unknown config field 'lerning_rate'"),
+        (["--config=experiments/seed_mlp.py", "--config.batch_size=many"],
+         "--config.batch_size=many"),
+        (["--config=experiments/seed_mlp.py", "--config.dataset=no_such_dataset"],
+         "unknown dataset 'no_such_dataset'"),
+        (["--config=experiments/seed_mlp.py", "--config.dataset=kmnist"],
+         "cannot be downloaded here"),
+        (["--config=experiments/seed_mlp.py", "--config.batch_size=0"],
+         "config.batch_size must be positive"),
+        (["--config=experiments/seed_mlp.py", "--config.num_epochs=-1"],
+         "config.num_epochs must be >= 0"),
+        (["--config=experiments/seed_mlp.py:huge"], "unknown variant 'huge'"),
+        (["--workdir_typo=x"], "Unknown command line flag 'workdir_typo'"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
+  result = run_main(*args, f"--workdir={tmp_path / 'run'}")
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("mnist_jax: ") and message in lines[0], lines[0]

@@ -1,0 +1,107 @@
+"""The jitted steps and the training loop, on real MNIST batches."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from mnist_jax import data, train
+
+INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
+
+
+def _state(config, seed=0):
+  return train.create_train_state(config, INFO, jax.random.PRNGKey(seed), steps_per_epoch=100)
+
+
+def _batch(split, size=64):
+  return {
+      "image": jnp.asarray(data.normalize(split.images_NHWC[:size].astype(np.float32), 0.0, 1.0)),
+      "label": jnp.asarray(split.labels_N[:size]),
+  }
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch(mnist_train):
+  config = load_config("seed_mlp")
+  state, batch = _state(config), _batch(mnist_train)
+  step = jax.jit(train.train_step)
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses))
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 25
+
+
+def test_jitted_train_step_does_not_retrace(mnist_train):
+  config = load_config("seed_mlp")
+  traces = []
+
+  def counted_step(state, batch):
+    traces.append(None)
+    return train.train_step(state, batch)
+
+  step = jax.jit(counted_step, donate_argnums=0)
+  state = _state(config)
+  for _ in range(3):
+    state, _ = step(state, _batch(mnist_train))
+  assert len(traces) == 1
+
+
+def test_evaluate_counts_every_test_example(mnist_test):
+  config = load_config("seed_mlp")
+  state = _state(config)
+  # 10,000 is no multiple of 768: the last batch is padded, and its padding must not count.
+  metrics = jax.jit(train.evaluate, static_argnames=("batch_size", "mean", "std"))(
+      state, mnist_test.images_NHWC, mnist_test.labels_N, batch_size=768, mean=0.0, std=1.0
+  )
+  assert int(metrics["count"]) == 10_000
+  logits = state.apply_fn({"params": state.params}, _batch(mnist_test, 10_000)["image"])
+  expected = np.mean(np.argmax(logits, -1) == mnist_test.labels_N)
+  np.testing.assert_allclose(float(metrics["accuracy"]), expected, rtol=1e-6)
+
+
+def test_train_epoch_visits_a_new_permutation_each_epoch(mnist_test):
+  config = load_config("seed_mlp")
+  images, labels = jnp.asarray(mnist_test.images_NHWC), jnp.asarray(mnist_test.labels_N)
+  epoch = jax.jit(train.train_epoch, static_argnames=("batch_size", "mean", "std"))
+  state = _state(config)
+  state, metrics = epoch(state, images, labels, jax.random.PRNGKey(1), batch_size=96, mean=0.0,
+                         std=1.0)
+  assert int(state.step) == 10_000 // 96
+  assert np.isfinite(float(metrics["loss"])) and 0.0 <= float(metrics["accuracy"]) <= 1.0
+
+
+@pytest.mark.parametrize("pipeline", ["device", "stream"])
+def test_both_pipelines_train_the_smoke_config(tmp_path, pipeline):
+  config = load_config("seed_mlp", "smoke")
+  config.input_pipeline = pipeline
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["test_accuracy"] > 0.92
+  assert final["test_examples"] == 10_000
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["epoch"] for line in lines] == [1]
+  assert json.loads((tmp_path / "final_metrics.json").read_text())["epoch"] == 1
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+  config = load_config("seed_mlp", "smoke")
+  config.num_epochs = 2
+  first = train.train_and_evaluate(config, str(tmp_path / "a"))
+  second = train.train_and_evaluate(config, str(tmp_path / "b"))
+  keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+  assert [first[k] for k in keys] == [second[k] for k in keys]
+  config.seed = 1
+  other = train.train_and_evaluate(config, str(tmp_path / "c"))
+  assert other["train_loss"] != first["train_loss"]
+
+
+def test_non_finite_loss_stops_training_with_a_clear_message(tmp_path):
+  config = load_config("seed_mlp", "smoke")
+  config.learning_rate = 1e30
+  with pytest.raises(train.TrainingError, match="lower config.learning_rate"):
+    train.train_and_evaluate(config, str(tmp_path))
