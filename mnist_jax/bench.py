@@ -1,0 +1,286 @@
+"""Side-by-side benchmark: this project's pipelines against Keras `model.fit` and a PyTorch loop.
+
+  python -m mnist_jax.bench                # the seed recipe, 10 epochs, each loop once
+  python -m mnist_jax.bench --repeats=3    # medians over three runs of each loop
+  python -m mnist_jax.bench --quick        # one epoch, to check the harness
+
+Every loop trains the same MLP (by default the seed recipe: 784-128-10, relu, Adam 1e-3, batch 32)
+on the same arrays, in a process of its own, started one after another by this one, so that one
+framework's threads and memory do not weigh on the next. Each child prints its result as its last
+line of JSON; this process prints the table. Like `main.py`, this command owns its flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/seed_mlp.py", "The MLP recipe every loop trains.", lock_config=True
+)
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Runs of each loop; the table shows medians.")
+_QUICK = flags.DEFINE_bool("quick", False, "One epoch of each loop, to check the harness.")
+_LOOPS = flags.DEFINE_list(
+    "loops", "jax_device,jax_stream,tfdata_only,keras,torch", "Loops to run, in this order."
+)
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one loop and print its JSON line.")
+
+
+
+
+
+
+def _arrays():
+  """Train and test splits of MNIST as float32 in [0, 1], as the notebook prepares them."""
+  from mnist_jax import data  # pylint: disable=import-outside-toplevel
+
+  train, test = data.load_split("mnist", "train"), data.load_split("mnist", "test")
+  scale = lambda split: data.normalize(split.images_NHWC.astype("float32"), 0.0, 1.0)
+  return scale(train), train.labels_N, scale(test), test.labels_N
+
+
+def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from mnist_jax import train  # pylint: disable=import-outside-toplevel
+
+  config.input_pipeline = pipeline
+  with tempfile.TemporaryDirectory() as workdir:
+    final = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      epoch_times = [json.loads(line)["epoch_time_s"] for line in f]
+  device_data_mb = 0.0 if pipeline == "stream" else 70_000 * (28 * 28 + 4) / 2**20
+  return {
+      "train_s": final["train_time_s"] + final["compile_time_s"],
+      "compile_s": final["compile_time_s"],
+      "epoch_times_s": epoch_times,
+      "test_accuracy": final["test_accuracy"],
+      "device": jax.devices()[0].platform,
+      "device_data_mb": device_data_mb,
+  }
+
+
+def _tfdata_only(config) -> dict[str, Any]:
+  from mnist_jax import data  # pylint: disable=import-outside-toplevel
+
+  epoch_times = []
+  for epoch in range(config.num_epochs):
+    start = time.perf_counter()
+    for _ in data.stream_batches("mnist", "train", batch_size=config.batch_size, mean=0.0,
+                                 std=1.0, shuffle_seed=epoch):
+      pass
+    epoch_times.append(time.perf_counter() - start)
+  return {"train_s": sum(epoch_times), "epoch_times_s": epoch_times}
+
+
+def _keras(config) -> dict[str, Any]:
+  from mnist_jax import data  # pylint: disable=import-outside-toplevel
+
+  data._tfds()  # The same quiet TensorFlow start-up as the project's.  pylint: disable=protected-access
+  import keras  # pylint: disable=import-outside-toplevel
+
+  x_train, y_train, x_test, y_test = _arrays()
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([
+      keras.Input((28, 28, 1)),
+      keras.layers.Flatten(),
+      *(keras.layers.Dense(width, activation="relu") for width in config.model_args.hidden_sizes),
+      keras.layers.Dense(10),
+  ])
+  model.compile(
+      optimizer=keras.optimizers.Adam(config.learning_rate),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=["accuracy"],
+  )
+  epoch_times = []
+  timer = keras.callbacks.LambdaCallback(
+      on_epoch_begin=lambda epoch, logs: epoch_times.append(-time.perf_counter()),
+      on_epoch_end=lambda epoch, logs: epoch_times.__setitem__(-1, epoch_times[-1] + time.perf_counter()),
+  )
+  start = time.perf_counter()
+  model.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.num_epochs, verbose=0,
+            callbacks=[timer])
+  train_s = time.perf_counter() - start
+  _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
+  return {"train_s": train_s, "epoch_times_s": epoch_times, "test_accuracy": accuracy}
+
+
+def _torch(config) -> dict[str, Any]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {"skipped": "PyTorch is not installed (pip install torch to include it)"}
+  x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in _arrays())
+  x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
+  y_train, y_test = y_train.long(), y_test.long()
+  torch.manual_seed(0)
+  layers, width_in = [], 784
+  for width in config.model_args.hidden_sizes:
+    layers += [torch.nn.Linear(width_in, width), torch.nn.ReLU()]
+    width_in = width
+  model = torch.nn.Sequential(*layers, torch.nn.Linear(width_in, 10))
+  optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+  loss_fn = torch.nn.CrossEntropyLoss()
+  epoch_times = []
+  for _ in range(config.num_epochs):
+    start = time.perf_counter()
+    order = torch.randperm(len(y_train))
+    for first in range(0, len(order), config.batch_size):
+      indices = order[first : first + config.batch_size]
+      optimizer.zero_grad()
+      loss_fn(model(x_train[indices]), y_train[indices]).backward()
+      optimizer.step()
+    epoch_times.append(time.perf_counter() - start)
+  with torch.no_grad():
+    accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
+  return {"train_s": sum(epoch_times), "epoch_times_s": epoch_times, "test_accuracy": accuracy,
+          "torch": torch.__version__}
+
+
+def _matmul_floor() -> dict[str, Any]:
+  """GFLOP/s of a large jitted float32 matmul, the most this device does for a dense layer."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  n = 2048
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return {"gflops": 2 * n**3 / statistics.median(times) / 1e9}
+
+
+
+
+def mlp_flops_per_example(hidden_sizes, num_inputs: int = 784, num_classes: int = 10) -> int:
+  """FLOPs of one training example through an MLP: forward, weight gradients, input gradients.
+
+  Each dense layer costs `2 * in * out` forward and as much for its weight gradient; the gradient
+  with respect to its input is needed for every layer but the first.
+  """
+  widths = [num_inputs, *hidden_sizes, num_classes]
+  layers = [2 * fan_in * fan_out for fan_in, fan_out in zip(widths[:-1], widths[1:])]
+  return 2 * sum(layers) + sum(layers[1:])
+
+
+_RUNNERS = {
+    "jax_device": lambda config: _mnist_jax(config, "device"),
+    "jax_stream": lambda config: _mnist_jax(config, "stream"),
+    "tfdata_only": _tfdata_only,
+    "keras": _keras,
+    "torch": _torch,
+    "matmul_floor": lambda config: _matmul_floor(),
+}
+
+
+def _run_child(loop: str) -> dict[str, Any]:
+  result = subprocess.run(
+      [sys.executable, "-m", "mnist_jax.bench", *sys.argv[1:], f"--child={loop}"],
+      capture_output=True, text=True, check=False,
+  )
+  if result.returncode != 0:
+    lines = result.stderr.strip().splitlines() or ["no output"]
+    return {"failed": lines[-1]}
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+  values = [run[key] for run in runs if run.get(key) is not None]
+  return statistics.median(values) if values else None
+
+
+def _steady_epoch(run: dict[str, Any]) -> float:
+  """The median epoch after the first (the only one, with one epoch)."""
+  times = run["epoch_times_s"]
+  return statistics.median(times[1:] or times)
+
+
+def _table(results: dict[str, list[dict[str, Any]]], config) -> str:
+  steps = 60_000 // config.batch_size
+  examples_per_epoch = steps * config.batch_size
+  keras_s = _median(results.get("keras", []), "train_s")
+  header = ("| loop | train time (s) | steady epoch (s) | compile (s) | examples/s | test acc "
+            "| peak RSS (MB) | Keras time / this |")
+  lines = [header, "|" + "---|" * 8]
+  for loop, runs in results.items():
+    if loop == "matmul_floor":
+      continue
+    notes = [run.get("skipped") or run.get("failed") for run in runs if "train_s" not in run]
+    if notes:
+      lines.append(f"| {loop} | {notes[0]} |" + " |" * 7)
+      continue
+    for run in runs:
+      run["steady_epoch_s"] = _steady_epoch(run)
+    train_s, epoch_s = _median(runs, "train_s"), _median(runs, "steady_epoch_s")
+    compile_s, accuracy = _median(runs, "compile_s"), _median(runs, "test_accuracy")
+    cells = [
+        loop,
+        f"{train_s:.2f}",
+        f"{epoch_s:.3f}",
+        "-" if compile_s is None else f"{compile_s:.2f}",
+        f"{examples_per_epoch / epoch_s:,.0f}",
+        "-" if accuracy is None else f"{100 * accuracy:.2f}%",
+        f"{_median(runs, 'peak_rss_mb'):.0f}",
+        "-" if keras_s is None else f"{keras_s / train_s:.1f}x",
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _floor_summary(results: dict[str, list[dict[str, Any]]], config) -> str:
+  gflops = _median(results["matmul_floor"], "gflops")
+  flops = mlp_flops_per_example(config.model_args.hidden_sizes)
+  epoch_gflop = flops * (60_000 // config.batch_size) * config.batch_size / 1e9
+  floor_s = epoch_gflop / gflops
+  summary = (f"matmul floor: a 2048^3 jitted matmul runs at {gflops:.0f} GFLOP/s; one epoch of this "
+             f"MLP is {epoch_gflop:.1f} GFLOP, so at least {floor_s:.3f} s")
+  device_runs = [run for run in results.get("jax_device", []) if "train_s" in run]
+  if device_runs:
+    epoch_s = _median(device_runs, "steady_epoch_s")
+    summary += f"; jax_device's steady epoch is {epoch_s / floor_s:.2f}x that floor"
+    summary += f"; its data take {device_runs[0]['device_data_mb']:.1f} MB of device memory (uint8)"
+  return summary
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  if _QUICK.value:
+    config.num_epochs = 1
+  if _CHILD.value:
+    result = _RUNNERS[_CHILD.value](config)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+    return
+  unknown = sorted(set(_LOOPS.value) - set(_RUNNERS))
+  if unknown:
+    sys.exit(f"mnist_jax.bench: unknown loops {unknown}; choose from {sorted(_RUNNERS)}")
+  if config.model != "mlp":
+    sys.exit("mnist_jax.bench: compares MLPs only; use an MLP config")
+  results: dict[str, list[dict[str, Any]]] = {}
+  for repeat in range(_REPEATS.value):
+    for loop in ["matmul_floor", *_LOOPS.value]:
+      print(f"run {repeat + 1}/{_REPEATS.value}: {loop}", file=sys.stderr, flush=True)
+      results.setdefault(loop, []).append(_run_child(loop))
+  print(f"epochs {config.num_epochs}, batch {config.batch_size}, hidden "
+        f"{tuple(config.model_args.hidden_sizes)}, {_REPEATS.value} run(s) each, medians shown")
+  print(_table(results, config))
+  print(_floor_summary(results, config))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,24 @@
+"""The benchmark harness runs every loop and prints its table (timings are never asserted)."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_quick_benchmark_prints_a_row_per_loop():
+  result = subprocess.run(
+      [sys.executable, "-m", "mnist_jax.bench", "--quick", "--config.batch_size=500",
+       "--loops=jax_device,keras,torch"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+  )
+  assert result.returncode == 0, result.stderr
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines()
+          if line.startswith("| ") and not line.startswith("| loop")}
+  assert set(rows) == {"jax_device", "keras", "torch"}
+  for loop in ("jax_device", "keras"):
+    accuracy = float(rows[loop][5].rstrip("%"))
+    assert 80.0 < accuracy <= 100.0, rows[loop]
+  # PyTorch is optional: a row with its figures where it is installed, a note where it is not.
+  assert "not installed" in rows["torch"][1] or float(rows["torch"][5].rstrip("%")) > 80.0
+  assert "GFLOP/s" in result.stdout and "x that floor" in result.stdout
