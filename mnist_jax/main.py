@@ -4,8 +4,10 @@ This module owns the flags and nothing else; each mode is a function of a config
 """
 
 import ast
+import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -16,6 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+_JAX_CACHE_DIR = flags.DEFINE_string(
+    "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "mnist_jax", "jax"),
+    "Persistent compilation cache, so a second run skips compiling; empty to turn it off.",
+)
 
 _EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError)
 
@@ -52,6 +58,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
+  if _JAX_CACHE_DIR.value:
+    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
+    # Our programs compile in under a second, below JAX's default threshold for caching.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   if _CONFIG.value is None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:

@@ -1,0 +1,25 @@
+"""The fastest MLP recipe found to reach 98% test accuracy on MNIST.
+
+  python -m mnist_jax.main --config=experiments/fast_mlp.py --workdir=runs/fast_mlp
+
+784-256-10, Adam 2e-3 with cosine decay to 0, batch 128, 5 epochs, standardized inputs
+(MNIST's mean 0.1307 and std 0.3081 after dividing by 255). Target: >= 98.0% test accuracy in
+<= 3 s of training (compilation excluded) on a 2-core CPU, for seeds 0, 1 and 2.
+Measured: see WORKSPACE.md ("fast MLP").
+"""
+
+import ml_collections
+
+from experiments import seed_mlp
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = seed_mlp.get_config(arg)
+  config.pixel_mean, config.pixel_std = 0.1307, 0.3081
+  config.model_args.hidden_sizes = (256,)
+  config.learning_rate = 2e-3
+  config.lr_schedule = "cosine"
+  if arg is None:
+    config.batch_size = 128
+    config.num_epochs = 5
+  return config
