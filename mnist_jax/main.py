@@ -1,5 +1,8 @@
 """Command line: `python -m mnist_jax.main --config=experiments/<name>.py --workdir=runs/<name>`.
 
+`--mode=explore` looks at the config's dataset instead of training; `--mode=report` redraws the
+training report of a finished `--workdir` (no `--config` needed).
+
 This module owns the flags and nothing else; each mode is a function of a config and a workdir.
 """
 
@@ -9,15 +12,20 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import data, train
+from mnist_jax import data, explore, reports, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "explore", "report"],
+    "train: train and evaluate, then write the report; explore: the dataset's shapes, class "
+    "counts and plots; report: redraw the report of the finished run in --workdir.",
+)
 
-_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError)
+_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError, reports.ReportError)
 
 
 def _one_line(error: Exception) -> str:
@@ -52,12 +60,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and _MODE.value != "report":
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "explore":
+      explore.explore(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "report":
+      reports.report_workdir(_WORKDIR.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except _EXPECTED_ERRORS as e:
     sys.exit(f"mnist_jax: {e}")
 
