@@ -70,7 +70,8 @@ def explore(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]
           train.images_NHWC[:25], [info.class_names[label] for label in train.labels_N[:25]],
           f"The first 25 training images of {info.name} and their labels"),
       "pixel_histograms": lambda: plots.pixel_histograms(
-          pixel_counts_V, normalized_values_V, mean, std),
+          pixel_counts_V, normalized_values_V,
+          "x / 255" if (mean, std) == (0, 1) else f"(x / 255 - {mean:g}) / {std:g}"),
       "image_colorbar": lambda: plots.image_with_colorbar(
           first_image, data.normalize(first_image.astype(np.float32), mean, std),
           f"Training image 0 (label {info.class_names[train.labels_N[0]]})"),

@@ -86,28 +86,24 @@ def image_grid(
   return fig
 
 
-def pixel_histograms(
-    counts_V: np.ndarray, normalized_values_V: np.ndarray, mean: float, std: float
-) -> Figure:
-  """How often each of the 256 pixel values occurs, on the raw and on the normalized scale."""
+def pixel_histograms(counts_V: np.ndarray, normalized_values_V: np.ndarray, scale: str) -> Figure:
+  """How often each of the 256 pixel values occurs, as stored and after `scale` (a formula)."""
   fig = Figure(figsize=(11, 4), layout="constrained")
   raw_ax, normalized_ax = fig.subplots(1, 2)
-  share_zero = counts_V[0] / counts_V.sum()
-  for ax, values_V, scale in (
-      (raw_ax, np.arange(len(counts_V)), "uint8 value as stored"),
-      (normalized_ax, normalized_values_V, f"(x / 255 - {mean:g}) / {std:g}"),
+  seen = counts_V > 0
+  for ax, values_V, name in (
+      (raw_ax, np.arange(len(counts_V), dtype=np.float32), "before (uint8 as stored)"),
+      (normalized_ax, normalized_values_V, f"after ({scale})"),
   ):
-    ax.bar(values_V, counts_V, width=values_V[1] - values_V[0], color="tab:blue")
+    half_step = (values_V[1] - values_V[0]) / 2
+    # One filled outline instead of 256 bars: the same picture, drawn ten times faster.
+    ax.stairs(counts_V, np.append(values_V - half_step, values_V[-1] + half_step), fill=True)
     ax.set_yscale("log")
-    ax.set_xlabel(f"pixel value: {scale}")
+    ax.set_xlabel("pixel value")
     ax.set_ylabel("pixels (log scale)")
-    ax.set_title(
-        f"{scale.split(':')[0]}: min {values_V[counts_V > 0].min():.3g}, "
-        f"max {values_V[counts_V > 0].max():.3g}",
-        fontsize=10,
-    )
-  raw_ax.text(0.98, 0.95, f"{share_zero:.1%} of pixels are 0", transform=raw_ax.transAxes,
-              ha="right", va="top")
+    ax.set_title(f"{name}: min {values_V[seen].min():.4g}, max {values_V[seen].max():.4g}")
+  raw_ax.text(0.98, 0.95, f"{counts_V[0] / counts_V.sum():.1%} of pixels are 0",
+              transform=raw_ax.transAxes, ha="right", va="top")
   fig.suptitle("Pixel values before and after normalization (training split)")
   return fig
 
