@@ -178,3 +178,23 @@ def test_without_tensorflow_the_writer_says_so_once_and_writes_nothing(tmp_path,
   writer.scalars(1, {"train/loss": 0.5})
   assert capsys.readouterr().err.count("TensorFlow is not installed") == 1
   assert not (tmp_path / "tensorboard").exists()
+
+
+def test_class_names_and_colour_images_draw_too(tmp_path):
+  names = ("T-shirt/top", "Trouser", "Pullover")
+  counts = {"train": np.array([6000, 5000, 4000]), "test": np.array([1000, 900, 800])}
+  table = explore.count_table(counts, names)
+  assert table[1].split() == ["0", "T-shirt/top", "6000", "40.00", "1000", "37.04"]
+  assert table[-1].split() == ["total", "15000", "100.00", "2700", "100.00"]
+  images_NHWC = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+  counts_CC = np.array([[5, 1, 0], [0, 4, 2], [1, 0, 6]])
+  plots.write_pngs({
+      "histogram": lambda: plots.label_histogram(counts, names, "classes"),
+      "grid": lambda: plots.image_grid(images_NHWC, [f"{names[i % 3]} / Pullover" for i in range(7)],
+                                       "colour"),
+      "colorbar": lambda: plots.image_with_colorbar(images_NHWC[0], images_NHWC[0] / 255, "one"),
+      "confusion": lambda: plots.confusion_matrix(
+          counts_CC, *reports.recall_and_precision(counts_CC), names, "three classes"),
+  }, str(tmp_path))
+  for name in ("histogram", "grid", "colorbar", "confusion"):
+    assert_legible_png(tmp_path / f"{name}.png")
