@@ -102,7 +102,7 @@ def load_history(workdir: str) -> dict[str, np.ndarray]:
     with open(path) as f:
       records = [json.loads(line) for line in f if line.strip()]
   except (OSError, json.JSONDecodeError) as e:
-    raise ReportError(f"cannot read {path} ({e}); is {workdir} the workdir of a training run?") from e
+    raise ReportError(f"cannot read {path} ({e}); is {workdir} a training run's workdir?") from e
   if not records:
     raise ReportError(f"{path} holds no epoch; the run trained for zero epochs")
   return {field: np.array([r.get(field, np.nan) for r in records]) for field in records[0]}
@@ -212,6 +212,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
   counts_CC = confusion_counts(labels_N, predicted_N, len(class_names))
   accuracy = np.trace(counts_CC) / len(labels_N)
   mistakes = most_confident_mistakes(probs_NC, labels_N, NUM_MISTAKES)
+  mistake_probs = probs_NC[mistakes, predicted_N[mistakes]]
 
   def captions(indices):
     return [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}" for i in indices]
@@ -228,24 +229,23 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
           f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}"),
       "confident_mistakes": lambda: plots.image_grid(
           test.images_NHWC[mistakes],
-          [f"{c}\np = {probs_NC[i, predicted_N[i]]:.4f}" for c, i in zip(captions(mistakes), mistakes)],
+          [f"{caption}\np = {p:.4f}" for caption, p in zip(captions(mistakes), mistake_probs)],
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
           [plots.WRONG_COLOR] * len(mistakes)),
   }
   plot_dir = os.path.join(workdir, PLOTS_DIR)
   seconds = plots.write_pngs(figures, plot_dir)
-  mistake_rows = [
-      [int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{probs_NC[i, predicted_N[i]]:.4f}"]
-      for i in mistakes
-  ]
+  mistake_rows = [[int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{p:.4f}"]
+                  for i, p in zip(mistakes, mistake_probs)]
   with open(os.path.join(workdir, REPORT_FILE), "w") as f:
     f.write(_report_markdown(workdir, config, history, counts_CC, class_names, test_loss,
                              mistake_rows))
   if writer is not None:
-    writer.images(int(history["step"][-1]), {
-        f"report/{name}": np.asarray(Image.open(os.path.join(plot_dir, f"{name}.png")))
-        for name in figures
-    })
+    images = {}
+    for name in figures:
+      with Image.open(os.path.join(plot_dir, f"{name}.png")) as image:
+        images[f"report/{name}"] = np.asarray(image)
+    writer.images(int(history["step"][-1]), images)
   return seconds
 
 
