@@ -1,5 +1,8 @@
 """Command line: `python -m mnist_jax.main --config=experiments/<name>.py --workdir=runs/<name>`.
 
+`--mode=explore` looks at the config's dataset instead of training; `--mode=report` redraws the
+training report of a finished `--workdir` (no `--config` needed).
+
 This module owns the flags and nothing else; each mode is a function of a config and a workdir.
 """
 
@@ -11,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import data, train
+from mnist_jax import data, explore, reports, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -22,8 +25,13 @@ _JAX_CACHE_DIR = flags.DEFINE_string(
     "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "mnist_jax", "jax"),
     "Persistent compilation cache, so a second run skips compiling; empty to turn it off.",
 )
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "explore", "report"],
+    "train: train and evaluate, then write the report; explore: the dataset's shapes, class "
+    "counts and plots; report: redraw the report of the finished run in --workdir.",
+)
 
-_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError)
+_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError, reports.ReportError)
 
 
 def _one_line(error: Exception) -> str:
@@ -62,12 +70,17 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
     # Our programs compile in under a second, below JAX's default threshold for caching.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and _MODE.value != "report":
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "explore":
+      explore.explore(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "report":
+      reports.report_workdir(_WORKDIR.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except _EXPECTED_ERRORS as e:
     sys.exit(f"mnist_jax: {e}")
 

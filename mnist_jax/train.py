@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax import data, models
+from mnist_jax import data, models, progress, reports, summaries
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -75,17 +76,22 @@ _OPTIMIZERS = {
 }
 
 
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.ScalarOrSchedule:
+  """`config.learning_rate` under `config.lr_schedule` over the whole run."""
+  if config.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(
+        config.learning_rate, decay_steps=max(1, config.num_epochs * steps_per_epoch)
+    )
+  return config.learning_rate
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
   """The optimizer named by `config.optimizer` with `config.lr_schedule` over the whole run."""
-  if config.lr_schedule == "cosine":
-    learning_rate = optax.cosine_decay_schedule(
-        config.learning_rate, decay_steps=max(1, config.num_epochs * steps_per_epoch)
-    )
-  else:
-    learning_rate = config.learning_rate
-  return _OPTIMIZERS[config.optimizer](learning_rate, config)
+  return _OPTIMIZERS[config.optimizer](learning_rate_schedule(config, steps_per_epoch), config)
 
 
 def create_train_state(
@@ -226,14 +232,22 @@ def evaluate(
 
 
 def train_epoch_stream(
-    train_step_fn, state: TrainState, batches: Iterable[Batch]
+    train_step_fn,
+    state: TrainState,
+    batches: Iterable[Batch],
+    on_step: Callable[[int, TrainState], None] | None = None,
 ) -> tuple[TrainState, Metrics]:
-  """One epoch of host batches through a jitted `train_step`; metrics stay on the device."""
+  """One epoch of host batches through a jitted `train_step`; metrics stay on the device.
+
+  `on_step(steps_done, state)`, where given, follows every step (see `progress.EpochProgress`).
+  """
   totals, steps = None, 0
   for batch in batches:
     state, metrics = train_step_fn(state, batch)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
     steps += 1
+    if on_step is not None:
+      on_step(steps, state)
   if totals is None:
     raise ConfigError("the training split has fewer examples than config.batch_size")
   return state, jax.tree.map(lambda total: total / steps, totals)
@@ -268,8 +282,9 @@ def _to_host(metrics: Metrics) -> dict[str, float]:
 class _Run:
   """Compiled epoch and eval functions of one pipeline, with the data they read."""
 
-  def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
+  def __init__(self, config: ml_collections.ConfigDict, state: TrainState, steps_per_epoch: int):
     self.config = config
+    self.steps_per_epoch = steps_per_epoch
     norm = dict(mean=config.pixel_mean, std=config.pixel_std)
     if config.input_pipeline == "device":
       train = data.load_split(config.dataset, "train", config.data_dir)
@@ -302,7 +317,8 @@ class _Run:
         mean=self.config.pixel_mean, std=self.config.pixel_std,
         shuffle_seed=_stream_seed(epoch_rng), data_dir=self.config.data_dir,
     )
-    return train_epoch_stream(self._train_step, state, batches)
+    on_step = progress.EpochProgress(self.steps_per_epoch, self.config.batch_size)
+    return train_epoch_stream(self._train_step, state, batches, on_step)
 
   def evaluate(self, state: TrainState) -> Metrics:
     if self.config.input_pipeline == "device":
@@ -330,13 +346,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state = create_train_state(config, info, init_rng, steps_per_epoch)
-  run = _Run(config, state)
+  run = _Run(config, state, steps_per_epoch)
+  learning_rate = learning_rate_schedule(config, steps_per_epoch)
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) + "\n")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   open(metrics_path, "w").close()
+  writer = summaries.Writer(os.path.join(workdir, "tensorboard"))
 
   record: dict[str, Any] = {}
   train_time_s = 0.0
@@ -361,6 +379,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "test_accuracy": test_metrics["accuracy"],
         "test_examples": int(test_metrics["count"]),
         "epoch_time_s": epoch_time_s,
+        "examples_per_s": steps_per_epoch * config.batch_size / epoch_time_s,
+        # The rate of the epoch's last step.
+        "learning_rate": float(
+            learning_rate(state.step - 1) if callable(learning_rate) else learning_rate
+        ),
     }
     with open(metrics_path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -370,8 +393,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"test_acc {record['test_accuracy']:.4f}  {epoch_time_s:.2f}s",
         flush=True,
     )
+    writer.write_epoch(record)
 
   final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
     json.dump(final, f, indent=2)
+  try:
+    reports.after_training(config, workdir, state, writer)
+  except Exception as e:  # A report only looks at the run; the metrics are already saved.
+    print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
+          f"{workdir}", file=sys.stderr)
   return final

@@ -1,0 +1,269 @@
+"""The training report: where the model is right and where it fails.
+
+At the end of training, `save_predictions` writes the test logits to `<workdir>/predictions.npz`
+(10,000 x 10 floats for MNIST). `write_report` turns that file and `metrics.jsonl` into figures under
+`<workdir>/plots/`, TensorBoard images, and `<workdir>/report.md`, so `--mode=report` can redo it
+for a finished workdir without the trained parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from mnist_jax import data, plots, summaries
+
+PREDICTIONS_FILE = "predictions.npz"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+NUM_MISTAKES = 25
+
+
+class ReportError(Exception):
+  """A workdir that holds no finished run to report on."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions.
+
+
+def predict_logits(
+    state: Any, images_NHWC: np.ndarray, *, batch_size: int, mean: float, std: float
+) -> np.ndarray:
+  """Logits `[N, num_classes]` of the model in `state` (a Flax TrainState) for uint8 images."""
+
+  @jax.jit
+  def logits(params, images_BHWC):
+    images_BHWC = data.normalize(images_BHWC.astype(jnp.float32), mean, std)
+    return state.apply_fn({"params": params}, images_BHWC, train=False)
+
+  num_examples = len(images_NHWC)
+  padding = -num_examples % batch_size  # One batch shape, so one compilation.
+  images_NHWC = np.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3)
+  batches = [logits(state.params, images_NHWC[i : i + batch_size])
+             for i in range(0, len(images_NHWC), batch_size)]
+  return np.concatenate(jax.device_get(batches))[:num_examples]
+
+
+def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any) -> str:
+  """Writes the test split's logits, labels and class names to `<workdir>/predictions.npz`."""
+  info = data.dataset_info(config.dataset, config.data_dir)
+  test = data.load_split(config.dataset, "test", config.data_dir)
+  logits_NC = predict_logits(state, test.images_NHWC, batch_size=config.eval_batch_size,
+                             mean=config.pixel_mean, std=config.pixel_std)
+  path = os.path.join(workdir, PREDICTIONS_FILE)
+  np.savez_compressed(path, logits_NC=logits_NC.astype(np.float32), labels_N=test.labels_N,
+                      class_names=np.array(info.class_names))
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers.
+
+
+def log_softmax(logits_NC: np.ndarray) -> np.ndarray:
+  shifted_NC = logits_NC - logits_NC.max(axis=1, keepdims=True)
+  return shifted_NC - np.log(np.exp(shifted_NC).sum(axis=1, keepdims=True))
+
+
+def confusion_counts(labels_N: np.ndarray, predicted_N: np.ndarray, num_classes: int) -> np.ndarray:
+  """`counts[i, j]`: how many examples of true class i were predicted as class j."""
+  flat = np.bincount(labels_N * num_classes + predicted_N, minlength=num_classes**2)
+  return flat.reshape(num_classes, num_classes)
+
+
+def recall_and_precision(counts_CC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per class: correct / examples of the class, and correct / predictions of the class (0 if none)."""
+  correct_C = np.diag(counts_CC).astype(np.float64)
+  recall_C = correct_C / np.maximum(counts_CC.sum(axis=1), 1)
+  precision_C = correct_C / np.maximum(counts_CC.sum(axis=0), 1)
+  return recall_C, precision_C
+
+
+def most_confident_mistakes(probs_NC: np.ndarray, labels_N: np.ndarray, k: int) -> np.ndarray:
+  """Indices of up to `k` wrong predictions, the most probable (to the model) first."""
+  predicted_N = probs_NC.argmax(axis=1)
+  wrong = np.flatnonzero(predicted_N != labels_N)
+  confidence = probs_NC[wrong, predicted_N[wrong]]
+  return wrong[np.argsort(-confidence, kind="stable")[:k]]
+
+
+def load_history(workdir: str) -> dict[str, np.ndarray]:
+  """`metrics.jsonl` as one array per field."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  try:
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+  except (OSError, json.JSONDecodeError) as e:
+    raise ReportError(f"cannot read {path} ({e}); is {workdir} a training run's workdir?") from e
+  if not records:
+    raise ReportError(f"{path} holds no epoch; the run trained for zero epochs")
+  return {field: np.array([r.get(field, np.nan) for r in records]) for field in records[0]}
+
+
+def _load_run(workdir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  path = os.path.join(workdir, PREDICTIONS_FILE)
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+    with np.load(path) as saved:
+      predictions = {name: saved[name] for name in ("logits_NC", "labels_N", "class_names")}
+  except (OSError, ValueError, KeyError) as e:
+    raise ReportError(
+        f"cannot read the finished run in {workdir} ({e}); training writes config.json and "
+        f"{PREDICTIONS_FILE} at its end, so train to the end first"
+    ) from e
+  return config, predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _report_markdown(workdir, config, history, counts_CC, class_names, test_loss, mistakes) -> str:
+  recall_C, precision_C = recall_and_precision(counts_CC)
+  num_examples = int(counts_CC.sum())
+  correct = int(np.trace(counts_CC))
+  epochs = [
+      [int(e), f"{tl:.4f}", f"{ta:.4f}", f"{vl:.4f}", f"{va:.4f}", f"{t:.2f}"]
+      for e, tl, ta, vl, va, t in zip(*(history[k] for k in (
+          "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s")))
+  ]
+  confusion = [
+      [f"**{name}**", *counts_CC[i].tolist(), int(counts_CC[i].sum()), f"{recall_C[i]:.2%}"]
+      for i, name in enumerate(class_names)
+  ]
+  confusion.append(["**precision**", *(f"{p:.2%}" for p in precision_C), "", ""])
+  model_args = ", ".join(f"{k}={v}" for k, v in config.get("model_args", {}).items())
+  return f"""# Training report: `{os.path.basename(os.path.normpath(workdir))}`
+
+- data: {config.get('dataset')}, pixels (x / 255 - {config.get('pixel_mean')}) / {config.get('pixel_std')}
+- model: {config.get('model')} ({model_args})
+- training: {config.get('optimizer')}, learning rate {config.get('learning_rate')} \
+({config.get('lr_schedule')}), batch {config.get('batch_size')}, {len(history['epoch'])} epochs, \
+seed {config.get('seed')}
+- redraw: `python -m mnist_jax.main --mode=report --workdir={workdir}`
+
+| test accuracy | test loss | test examples | correct | mistakes |
+|---|---|---|---|---|
+| {correct / num_examples:.2%} | {test_loss:.4f} | {num_examples} | {correct} | {num_examples - correct} |
+
+## Learning curves
+
+![learning curves]({PLOTS_DIR}/learning_curves.png)
+
+{_markdown_table(["epoch", "train loss", "train accuracy", "test loss", "test accuracy",
+                  "epoch time (s)"], epochs)}
+
+## The first 25 test images: prediction / truth
+
+![test predictions]({PLOTS_DIR}/test_predictions.png)
+
+## Confusion matrix
+
+Rows: true class; columns: predicted class.
+
+![confusion matrix]({PLOTS_DIR}/confusion_matrix.png)
+
+{_markdown_table(["true (row), predicted (column)", *class_names, "examples", "recall"],
+                  confusion)}
+
+## The {len(mistakes)} most confident mistakes
+
+![most confident mistakes]({PLOTS_DIR}/confident_mistakes.png)
+
+Test index: position in the test split as tfds orders it.
+
+{_markdown_table(["test index", "true", "predicted", "probability"], mistakes)}
+"""
+
+
+def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[str, float]:
+  """Figures under `<workdir>/plots/`, `<workdir>/report.md`, and the figures to TensorBoard.
+
+  Reads `config.json`, `metrics.jsonl` and `predictions.npz`; the test images come from the
+  dataset named in `config.json`. Returns the seconds each figure took to draw and save.
+  """
+  config, predictions = _load_run(workdir)
+  history = load_history(workdir)
+  logits_NC, labels_N = predictions["logits_NC"], predictions["labels_N"]
+  class_names = [str(name) for name in predictions["class_names"]]
+  test = data.load_split(config["dataset"], "test", config.get("data_dir"))
+  if not np.array_equal(test.labels_N, labels_N):
+    raise ReportError(f"the test labels of {config['dataset']} differ from those in "
+                      f"{PREDICTIONS_FILE}; the dataset changed since training")
+  log_probs_NC = log_softmax(logits_NC.astype(np.float64))
+  probs_NC = np.exp(log_probs_NC)
+  predicted_N = logits_NC.argmax(axis=1)
+  test_loss = -float(np.mean(log_probs_NC[np.arange(len(labels_N)), labels_N]))
+  counts_CC = confusion_counts(labels_N, predicted_N, len(class_names))
+  accuracy = np.trace(counts_CC) / len(labels_N)
+  mistakes = most_confident_mistakes(probs_NC, labels_N, NUM_MISTAKES)
+  mistake_probs = probs_NC[mistakes, predicted_N[mistakes]]
+
+  def captions(indices):
+    return [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}" for i in indices]
+
+  first = np.arange(min(25, len(labels_N)))
+  figures = {
+      "learning_curves": lambda: plots.learning_curves(history),
+      "test_predictions": lambda: plots.image_grid(
+          test.images_NHWC[first], captions(first), "First test images: prediction / truth",
+          [plots.RIGHT_COLOR if predicted_N[i] == labels_N[i] else plots.WRONG_COLOR
+           for i in first]),
+      "confusion_matrix": lambda: plots.confusion_matrix(
+          counts_CC, *recall_and_precision(counts_CC), class_names,
+          f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}"),
+      "confident_mistakes": lambda: plots.image_grid(
+          test.images_NHWC[mistakes],
+          [f"{caption}\np = {p:.4f}" for caption, p in zip(captions(mistakes), mistake_probs)],
+          f"The {len(mistakes)} most confident mistakes: prediction / truth",
+          [plots.WRONG_COLOR] * len(mistakes)),
+  }
+  plot_dir = os.path.join(workdir, PLOTS_DIR)
+  seconds = plots.write_pngs(figures, plot_dir)
+  mistake_rows = [[int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{p:.4f}"]
+                  for i, p in zip(mistakes, mistake_probs)]
+  with open(os.path.join(workdir, REPORT_FILE), "w") as f:
+    f.write(_report_markdown(workdir, config, history, counts_CC, class_names, test_loss,
+                             mistake_rows))
+  if writer is not None:
+    images = {}
+    for name in figures:
+      with Image.open(os.path.join(plot_dir, f"{name}.png")) as image:
+        images[f"report/{name}"] = np.asarray(image)
+    writer.images(int(history["step"][-1]), images)
+  return seconds
+
+
+def report_workdir(workdir: str) -> dict[str, float]:
+  """`--mode=report`: redraws the report of a finished run from the files in its workdir."""
+  seconds = write_report(workdir, summaries.Writer(os.path.join(workdir, "tensorboard")))
+  print(_written_line(workdir, seconds))
+  return seconds
+
+
+def after_training(
+    config: ml_collections.ConfigDict, workdir: str, state: Any, writer: summaries.Writer
+) -> None:
+  """The end of a training run: its predictions, then its report."""
+  save_predictions(config, workdir, state)
+  print(_written_line(workdir, write_report(workdir, writer)), flush=True)
+
+
+def _written_line(workdir: str, seconds: dict[str, float]) -> str:
+  return (f"report: {os.path.join(workdir, REPORT_FILE)} ({len(seconds)} figures in "
+          f"{sum(seconds.values()):.2f}s, slowest {max(seconds.values()):.2f}s)")

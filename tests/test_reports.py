@@ -1,0 +1,202 @@
+"""The training report, its TensorBoard events, `--mode=report` and `--mode=explore`, on real MNIST."""
+
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from conftest import load_config, run_main
+from mnist_jax import data, explore, plots, progress, reports, summaries, train
+from test_data import TEST_COUNTS, TRAIN_COUNTS
+
+REPORT_FIGURES = ("learning_curves", "test_predictions", "confusion_matrix", "confident_mistakes")
+EXPLORE_FIGURES = ("label_histogram", "first_train_images", "pixel_histograms", "image_colorbar")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir after one smoke epoch, and the metrics `train_and_evaluate` returned."""
+  workdir = tmp_path_factory.mktemp("trained")
+  final = train.train_and_evaluate(load_config("seed_mlp", "smoke"), str(workdir))
+  return workdir, final
+
+
+def assert_legible_png(path):
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+  with Image.open(path) as image:
+    image.verify()
+  with Image.open(path) as image:
+    width, height = image.size
+  assert 400 <= width <= 2000 and 300 <= height <= 2000, (path, image.size)
+
+
+def confusion_table(report: str) -> np.ndarray:
+  """The counts and the `examples` column of report.md's confusion table, as integers."""
+  rows = [line for line in report.splitlines() if re.match(r"\| \*\*\d+\*\* \|", line)]
+  return np.array([[int(cell) for cell in row.split("|")[2:-2]] for row in rows])
+
+
+def test_training_writes_every_figure_and_a_report_linking_them(trained):
+  workdir, _ = trained
+  report = (workdir / "report.md").read_text()
+  for name in REPORT_FIGURES:
+    assert_legible_png(workdir / "plots" / f"{name}.png")
+    assert f"(plots/{name}.png)" in report
+
+
+def test_confusion_matrix_counts_every_test_example_and_gives_the_accuracy(trained):
+  workdir, final = trained
+  saved = np.load(workdir / "predictions.npz")
+  assert saved["logits_NC"].shape == (10_000, 10)
+  counts_CC = reports.confusion_counts(saved["labels_N"], saved["logits_NC"].argmax(1), 10)
+  assert counts_CC.sum() == 10_000
+  np.testing.assert_allclose(np.trace(counts_CC) / 10_000, final["test_accuracy"], rtol=1e-6)
+  report = (workdir / "report.md").read_text()
+  table = confusion_table(report)
+  np.testing.assert_array_equal(table[:, :10], counts_CC)
+  assert table[:, 10].tolist() == TEST_COUNTS
+  (numbers,) = re.findall(r"^\| ([\d.]+)% \| ([\d.]+) \| 10000 \|", report, re.MULTILINE)
+  assert float(numbers[0]) == round(100 * np.trace(counts_CC) / 10_000, 2)
+  assert float(numbers[1]) == pytest.approx(final["test_loss"], abs=1e-4)
+
+
+def test_tensorboard_reader_finds_the_scalars_and_the_figures(trained):
+  workdir, final = trained
+  events = event_accumulator.EventAccumulator(str(workdir / "tensorboard"),
+                                              size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  tags = events.Tags()["tensors"]
+  for tag in summaries.EPOCH_SCALARS:
+    assert events.SummaryMetadata(tag).plugin_data.plugin_name == "scalars", tag
+    (event,) = events.Tensors(tag)
+    assert event.step == final["step"]
+  (accuracy,) = events.Tensors("test/accuracy")
+  assert float(tensor_util.make_ndarray(accuracy.tensor_proto)) == pytest.approx(
+      final["test_accuracy"], rel=1e-6)
+  (learning_rate,) = events.Tensors("learning_rate")
+  assert float(tensor_util.make_ndarray(learning_rate.tensor_proto)) == pytest.approx(1e-3)
+  for name in REPORT_FIGURES:
+    assert events.SummaryMetadata(f"report/{name}").plugin_data.plugin_name == "images"
+    width, height, png = tensor_util.make_ndarray(events.Tensors(f"report/{name}")[0].tensor_proto)
+    with Image.open(io.BytesIO(png)) as image:
+      assert image.size == (int(width), int(height))
+  assert len(tags) == len(summaries.EPOCH_SCALARS) + len(REPORT_FIGURES)
+
+
+def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
+  workdir, _ = trained
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / "plots")
+  (copy / "report.md").unlink()
+  result = run_main("--mode=report", f"--workdir={copy}")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith(f"report: {copy / 'report.md'} (4 figures in ")
+  for name in REPORT_FIGURES:
+    assert_legible_png(copy / "plots" / f"{name}.png")
+  original = (workdir / "report.md").read_text().replace(str(workdir), "WORKDIR")
+  redrawn = (copy / "report.md").read_text().replace(str(copy), "WORKDIR")
+  assert redrawn.replace("`copy`", f"`{workdir.name}`") == original
+
+
+def test_report_mode_on_an_unfinished_workdir_is_one_clear_line(tmp_path):
+  result = run_main("--mode=report", f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  assert result.stderr.strip().startswith(f"mnist_jax: cannot read the finished run in {tmp_path}")
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_plot_warns_and_keeps_the_metrics(tmp_path, monkeypatch, capsys):
+  def broken(*args, **kwargs):
+    raise RuntimeError("no ink")
+
+  monkeypatch.setattr(plots, "confusion_matrix", broken)
+  final = train.train_and_evaluate(load_config("seed_mlp", "smoke"), str(tmp_path))
+  assert final["test_accuracy"] > 0.9
+  assert "warning: no training report (RuntimeError: no ink)" in capsys.readouterr().err
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+  assert json.loads((tmp_path / "final_metrics.json").read_text()) == final
+  assert np.load(tmp_path / "predictions.npz")["logits_NC"].shape == (10_000, 10)
+
+
+def test_explore_mode_prints_shapes_and_the_known_class_counts(tmp_path):
+  result = run_main("--mode=explore", "--config=experiments/seed_mlp.py", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  assert "train  images (60000, 28, 28, 1) uint8  labels (60000,) int32" in result.stdout
+  assert "test   images (10000, 28, 28, 1) uint8  labels (10000,) int32" in result.stdout
+  rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+\d\s", line)]
+  assert [int(row[1]) for row in rows] == TRAIN_COUNTS
+  assert [int(row[3]) for row in rows] == TEST_COUNTS
+  for name in EXPLORE_FIGURES:
+    assert_legible_png(tmp_path / "plots" / f"{name}.png")
+    assert f"(plots/{name}.png)" in (tmp_path / "explore.md").read_text()
+
+
+def test_pixel_value_counts_match_numpys_histogram(mnist_test):
+  expected, _ = np.histogram(mnist_test.images_NHWC, bins=256, range=(0, 256))
+  np.testing.assert_array_equal(explore.pixel_value_counts(mnist_test.images_NHWC), expected)
+
+
+def test_recall_and_precision_on_a_hand_checked_example():
+  labels = np.array([0, 0, 1, 2, 2, 2])
+  predicted = np.array([0, 1, 1, 2, 2, 0])
+  counts = reports.confusion_counts(labels, predicted, 3)
+  np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+  recall, precision = reports.recall_and_precision(counts)
+  np.testing.assert_allclose(recall, [1 / 2, 1, 2 / 3])
+  np.testing.assert_allclose(precision, [1 / 2, 1 / 2, 1])
+
+
+def test_most_confident_mistakes_come_first_and_right_answers_never():
+  probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01], [0.3, 0.7]])
+  labels = np.array([1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(reports.most_confident_mistakes(probs, labels, k=5), [0, 4, 2])
+  np.testing.assert_array_equal(reports.most_confident_mistakes(probs, labels, k=2), [0, 4])
+
+
+def test_stream_epoch_reports_progress_with_an_eta(mnist_test):
+  config = load_config("seed_mlp", "smoke")
+  info = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
+  state = train.create_train_state(config, info, train.jax.random.PRNGKey(0), 4)
+  batches = data.stream_batches("mnist", "test", batch_size=2500, mean=0.0, std=1.0, shuffle_seed=0)
+  out = io.StringIO()
+  on_step = progress.EpochProgress(total_steps=4, batch_size=2500, interval_s=0.0, out=out)
+  train.train_epoch_stream(train.jax.jit(train.train_step), state, batches, on_step)
+  lines = out.getvalue().splitlines()
+  assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4"]
+  assert all(re.search(r"examples/s  ETA \d+:\d\d$", line) for line in lines), lines
+
+
+def test_without_tensorflow_the_writer_says_so_once_and_writes_nothing(tmp_path, monkeypatch,
+                                                                        capsys):
+  monkeypatch.setattr(data, "have_tensorflow", lambda: False)
+  writer = summaries.Writer(str(tmp_path / "tensorboard"))
+  writer.scalars(1, {"train/loss": 0.5})
+  assert capsys.readouterr().err.count("TensorFlow is not installed") == 1
+  assert not (tmp_path / "tensorboard").exists()
+
+
+def test_class_names_and_colour_images_draw_too(tmp_path):
+  names = ("T-shirt/top", "Trouser", "Pullover")
+  counts = {"train": np.array([6000, 5000, 4000]), "test": np.array([1000, 900, 800])}
+  table = explore.count_table(counts, names)
+  assert table[1].split() == ["0", "T-shirt/top", "6000", "40.00", "1000", "37.04"]
+  assert table[-1].split() == ["total", "15000", "100.00", "2700", "100.00"]
+  images_NHWC = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+  counts_CC = np.array([[5, 1, 0], [0, 4, 2], [1, 0, 6]])
+  plots.write_pngs({
+      "histogram": lambda: plots.label_histogram(counts, names, "classes"),
+      "grid": lambda: plots.image_grid(images_NHWC, [f"{names[i % 3]} / Pullover" for i in range(7)],
+                                       "colour"),
+      "colorbar": lambda: plots.image_with_colorbar(images_NHWC[0], images_NHWC[0] / 255, "one"),
+      "confusion": lambda: plots.confusion_matrix(
+          counts_CC, *reports.recall_and_precision(counts_CC), names, "three classes"),
+  }, str(tmp_path))
+  for name in ("histogram", "grid", "colorbar", "confusion"):
+    assert_legible_png(tmp_path / f"{name}.png")
