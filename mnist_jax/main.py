@@ -1,23 +1,41 @@
 """Command line: `python -m mnist_jax.main --config=experiments/<name>.py --workdir=runs/<name>`.
 
+  --mode=train    (default) train, or resume from the workdir's latest checkpoint
+  --mode=eval     test loss and accuracy of a checkpoint (--checkpoint=best|latest|<step>)
+  --mode=predict  the digit in each of --images=a.png,b.jpg
+
 This module owns the flags and nothing else; each mode is a function of a config and a workdir.
 """
 
 import ast
+import shlex
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import data, train
+from mnist_jax import checkpoints, data, predict, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a workdir whose checkpoints were trained with a different config.",
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "best", "eval/predict: 'best' (by test accuracy), 'latest', or a step number."
+)
+_IMAGES = flags.DEFINE_list("images", [], "predict: comma-separated image files.")
 
-_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError)
+_EXPECTED_ERRORS = (
+    data.DataError, train.ConfigError, train.TrainingError, checkpoints.CheckpointError,
+    predict.ImageError,
+)
 
 
 def _one_line(error: Exception) -> str:
@@ -49,15 +67,59 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
+def _train() -> None:
+  resume = f"resume with: python -m mnist_jax.main {shlex.join(sys.argv[1:])}"
+  try:
+    train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
+  except checkpoints.Stopped as e:
+    print(f"mnist_jax: {e}; {resume}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:
+    print(f"mnist_jax: interrupted; the last checkpoint is kept; {resume}", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
+def _eval() -> None:
+  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  metrics = train.evaluate_test_split(model.config, model.state)
+  print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {metrics['loss']!r}  "
+        f"test_accuracy {metrics['accuracy']!r}  test_examples {int(metrics['count'])}")
+
+
+def _predict() -> int:
+  """Prints `path  digit  probability` per image; a file that fails is one line on stderr."""
+  if not _IMAGES.value:
+    sys.exit("mnist_jax: --images is required with --mode=predict, e.g. --images=a.png,b.jpg")
+  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  class_names = predict.dataset_info(model.meta).class_names
+  failed = 0
+  for path in _IMAGES.value:
+    try:
+      probs = predict.probabilities(model, [predict.load_image(path)])[0]
+    except predict.ImageError as e:
+      print(f"mnist_jax: {path}: {e}", file=sys.stderr, flush=True)
+      failed += 1
+      continue
+    print(f"{path}  {class_names[probs.argmax()]}  {probs.max():.4f}", flush=True)
+  return 1 if failed else 0
+
+
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
-  if _CONFIG.value is None:
+  if _MODE.value == "train" and _CONFIG.value is None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "train":
+      _train()
+    elif _MODE.value == "eval":
+      _eval()
+    else:
+      sys.exit(_predict())
   except _EXPECTED_ERRORS as e:
     sys.exit(f"mnist_jax: {e}")
 

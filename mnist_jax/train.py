@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax import data, models
+from mnist_jax import checkpoints, data, models
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -314,13 +315,30 @@ class _Run:
     return evaluate_stream(self._eval_step, state, batches)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
+  """Test loss, accuracy and count of `state`, computed as `train_and_evaluate` reports them."""
+  return _to_host(_Run(config, state).evaluate(state))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, Any]:
   """Trains `config` for `config.num_epochs`, evaluating on the test split after each epoch.
 
   Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
-  `workdir`, prints one line per epoch, and returns the final metrics.
+  `workdir`, prints one line per epoch, and returns the final metrics. Checkpoints go to
+  `workdir/checkpoints/`; a workdir that has them resumes from the latest (see checkpoints.py).
   """
   validate_config(config)
+  with checkpoints.TrainingCheckpoints(
+      workdir, config, allow_config_change=allow_config_change
+  ) as ckpts:
+    return _train_and_evaluate(config, workdir, ckpts)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, ckpts: checkpoints.TrainingCheckpoints
+) -> dict[str, Any]:
   info = data.dataset_info(config.dataset, config.data_dir)
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
   steps_per_epoch = num_train // config.batch_size
@@ -330,17 +348,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state = create_train_state(config, info, init_rng, steps_per_epoch)
+  state, history = ckpts.resume(
+      state, {"steps_per_epoch": steps_per_epoch, "dataset": dataclasses.asdict(info)}
+  )
   run = _Run(config, state)
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) + "\n")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  open(metrics_path, "w").close()
+  with open(metrics_path, "w") as f:  # After a resume, the epochs up to its checkpoint.
+    f.writelines(json.dumps(record) + "\n" for record in history)
 
-  record: dict[str, Any] = {}
-  train_time_s = 0.0
-  for epoch in range(1, config.num_epochs + 1):
+  record: dict[str, Any] = history[-1] if history else {}
+  train_time_s = sum(past["epoch_time_s"] for past in history)
+  for epoch in range(record.get("epoch", 0) + 1, config.num_epochs + 1):
     start = time.perf_counter()
     state, train_metrics = run.train_epoch(state, _epoch_rng(data_rng, epoch))
     train_metrics = _to_host(train_metrics)
@@ -370,6 +392,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"test_acc {record['test_accuracy']:.4f}  {epoch_time_s:.2f}s",
         flush=True,
     )
+    history.append(record)
+    ckpts.end_of_epoch(state, history)
 
   final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
