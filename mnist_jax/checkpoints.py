@@ -143,7 +143,7 @@ def _restore_first_valid(
       failed.append((step, e))
       continue
     check_config(saved.config)
-    config = ml_collections.ConfigDict(saved.config)
+    config = ml_collections.ConfigDict(saved.config).lock()
     try:
       template = template_fn(config, saved.meta)
       arrays = manager.restore(
@@ -302,12 +302,15 @@ class TrainingCheckpoints:
       )
 
   def end_of_epoch(self, state: Any, history: list[dict[str, Any]]) -> None:
-    """Saves after the epoch of `history[-1]` when due, and raises `Stopped` after a signal."""
+    """Saves after the epoch of `history[-1]` when due; after a signal, saves and raises `Stopped`.
+
+    The last epoch always saves; a signal during it lets the run end normally.
+    """
     epoch = history[-1]["epoch"]
-    due = epoch % self.every == 0 or epoch == self.config.num_epochs
-    if due or self._stop_signal is not None:
+    last = epoch == self.config.num_epochs
+    if last or epoch % self.every == 0 or self._stop_signal is not None:
       self._save(state, history)
-    if self._stop_signal is not None:
+    if self._stop_signal is not None and not last:
       name = signal.Signals(self._stop_signal).name
       raise Stopped(
           f"stopped by {name} after epoch {epoch}; checkpoint {int(state.step)} saved in "
