@@ -96,3 +96,18 @@ def test_sigkill_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   # Each epoch exactly once, with the same numbers.
   assert [r["epoch"] for r in _metrics(interrupted)] == [1, 2, 3, 4, 5]
   assert _metrics(interrupted) == _metrics(straight)
+
+
+def test_raising_num_epochs_continues_a_finished_run_exactly(tmp_path):
+  config = load_config("seed_mlp", "smoke")
+  config.num_epochs = 2
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path / "continued"))
+  config.num_epochs = 2  # A change that resumes without --allow_config_change.
+  train.train_and_evaluate(config, str(tmp_path / "continued"))
+
+  expected, actual = _latest_state(tmp_path / "straight"), _latest_state(tmp_path / "continued")
+  for leaf, expected_leaf in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(leaf, expected_leaf)
+  assert _metrics(tmp_path / "continued") == _metrics(tmp_path / "straight")
