@@ -98,7 +98,7 @@ def mnist_like(image: np.ndarray) -> np.ndarray:
   scale = DIGIT_BOX / max(crop.shape)
   height, width = (max(1, round(side * scale)) for side in crop.shape)
   digit = np.asarray(
-      Image.fromarray(crop, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+      Image.fromarray(crop.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
   ).clip(0.0, 255.0)
   total = digit.sum() or 1.0
   centre_y = (digit.sum(axis=1) * np.arange(height)).sum() / total
