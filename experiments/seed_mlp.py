@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_epochs = 10
   config.seed = 0
 
+  config.checkpoint_every_epochs = 1  # And after the last epoch, whatever this is.
+  config.keep_checkpoints = 3  # The newest ones; the best by test accuracy is kept as well.
+
   if arg == "smoke":
     config.num_epochs = 1
     config.batch_size = 128

@@ -1,20 +1,25 @@
 """Command line: `python -m mnist_jax.main --config=experiments/<name>.py --workdir=runs/<name>`.
 
-`--mode=explore` looks at the config's dataset instead of training; `--mode=report` redraws the
-training report of a finished `--workdir` (no `--config` needed).
+  --mode=train    (default) train, or resume from the workdir's latest checkpoint, then report
+  --mode=eval     test loss and accuracy of a checkpoint (--checkpoint=best|latest|<step>)
+  --mode=predict  the digit in each of --images=a.png,b.jpg
+  --mode=explore  the config's dataset: shapes, class counts and plots
+  --mode=report   redraw the training report of a finished --workdir (no --config needed)
 
 This module owns the flags and nothing else; each mode is a function of a config and a workdir.
 """
 
 import ast
 import os
+import shlex
+import signal
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import data, explore, reports, train
+from mnist_jax import checkpoints, data, explore, predict, reports, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -26,12 +31,24 @@ _JAX_CACHE_DIR = flags.DEFINE_string(
     "Persistent compilation cache, so a second run skips compiling; empty to turn it off.",
 )
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "explore", "report"],
-    "train: train and evaluate, then write the report; explore: the dataset's shapes, class "
-    "counts and plots; report: redraw the report of the finished run in --workdir.",
+    "mode", "train", ["train", "eval", "predict", "explore", "report"],
+    "train: train (or resume) and evaluate, then write the report; eval: a checkpoint's test "
+    "metrics; predict: the class of each of --images; explore: the dataset's shapes, class counts "
+    "and plots; report: redraw the report of the finished run in --workdir.",
 )
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a workdir whose checkpoints were trained with a different config.",
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "best", "eval/predict: 'best' (by test accuracy), 'latest', or a step number."
+)
+_IMAGES = flags.DEFINE_list("images", [], "predict: comma-separated image files.")
 
-_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError, reports.ReportError)
+_EXPECTED_ERRORS = (
+    data.DataError, train.ConfigError, train.TrainingError, checkpoints.CheckpointError,
+    predict.ImageError, reports.ReportError,
+)
 
 
 def _one_line(error: Exception) -> str:
@@ -63,6 +80,45 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
+def _train() -> None:
+  resume = f"resume with: python -m mnist_jax.main {shlex.join(sys.argv[1:])}"
+  try:
+    train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
+  except checkpoints.Stopped as e:
+    print(f"mnist_jax: {e}; {resume}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:
+    print(f"mnist_jax: interrupted; the last checkpoint is kept; {resume}", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
+def _eval() -> None:
+  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  metrics = train.evaluate_test_split(model.config, model.state)
+  print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {metrics['loss']!r}  "
+        f"test_accuracy {metrics['accuracy']!r}  test_examples {int(metrics['count'])}")
+
+
+def _predict() -> int:
+  """Prints `path  digit  probability` per image; a file that fails is one line on stderr."""
+  if not _IMAGES.value:
+    sys.exit("mnist_jax: --images is required with --mode=predict, e.g. --images=a.png,b.jpg")
+  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  class_names = predict.dataset_info(model.meta).class_names
+  failed = 0
+  for path in _IMAGES.value:
+    try:
+      probs = predict.probabilities(model, [predict.load_image(path)])[0]
+    except predict.ImageError as e:
+      print(f"mnist_jax: {path}: {e}", file=sys.stderr, flush=True)
+      failed += 1
+      continue
+    print(f"{path}  {class_names[probs.argmax()]}  {probs.max():.4f}", flush=True)
+  return 1 if failed else 0
+
+
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
@@ -70,17 +126,21 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
     # Our programs compile in under a second, below JAX's default threshold for caching.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  if _CONFIG.value is None and _MODE.value != "report":
+  if _MODE.value in ("train", "explore") and _CONFIG.value is None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
   try:
-    if _MODE.value == "explore":
+    if _MODE.value == "train":
+      _train()
+    elif _MODE.value == "eval":
+      _eval()
+    elif _MODE.value == "predict":
+      sys.exit(_predict())
+    elif _MODE.value == "explore":
       explore.explore(_CONFIG.value, _WORKDIR.value)
-    elif _MODE.value == "report":
-      reports.report_workdir(_WORKDIR.value)
     else:
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      reports.report_workdir(_WORKDIR.value)
   except _EXPECTED_ERRORS as e:
     sys.exit(f"mnist_jax: {e}")
 

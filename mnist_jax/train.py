@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax import data, models, progress, reports, summaries
+from mnist_jax import checkpoints, data, models, progress, reports, summaries
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -282,9 +283,8 @@ def _to_host(metrics: Metrics) -> dict[str, float]:
 class _Run:
   """Compiled epoch and eval functions of one pipeline, with the data they read."""
 
-  def __init__(self, config: ml_collections.ConfigDict, state: TrainState, steps_per_epoch: int):
+  def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
     self.config = config
-    self.steps_per_epoch = steps_per_epoch
     norm = dict(mean=config.pixel_mean, std=config.pixel_std)
     if config.input_pipeline == "device":
       train = data.load_split(config.dataset, "train", config.data_dir)
@@ -317,7 +317,8 @@ class _Run:
         mean=self.config.pixel_mean, std=self.config.pixel_std,
         shuffle_seed=_stream_seed(epoch_rng), data_dir=self.config.data_dir,
     )
-    on_step = progress.EpochProgress(self.steps_per_epoch, self.config.batch_size)
+    num_train = data.num_examples(self.config.dataset, "train", self.config.data_dir)
+    on_step = progress.EpochProgress(num_train // self.config.batch_size, self.config.batch_size)
     return train_epoch_stream(self._train_step, state, batches, on_step)
 
   def evaluate(self, state: TrainState) -> Metrics:
@@ -330,13 +331,30 @@ class _Run:
     return evaluate_stream(self._eval_step, state, batches)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
+  """Test loss, accuracy and count of `state`, computed as `train_and_evaluate` reports them."""
+  return _to_host(_Run(config, state).evaluate(state))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, Any]:
   """Trains `config` for `config.num_epochs`, evaluating on the test split after each epoch.
 
   Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
-  `workdir`, prints one line per epoch, and returns the final metrics.
+  `workdir`, prints one line per epoch, and returns the final metrics. Checkpoints go to
+  `workdir/checkpoints/`; a workdir that has them resumes from the latest (see checkpoints.py).
   """
   validate_config(config)
+  with checkpoints.TrainingCheckpoints(
+      workdir, config, allow_config_change=allow_config_change
+  ) as ckpts:
+    return _train_and_evaluate(config, workdir, ckpts)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, ckpts: checkpoints.TrainingCheckpoints
+) -> dict[str, Any]:
   info = data.dataset_info(config.dataset, config.data_dir)
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
   steps_per_epoch = num_train // config.batch_size
@@ -346,19 +364,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state = create_train_state(config, info, init_rng, steps_per_epoch)
-  run = _Run(config, state, steps_per_epoch)
+  state, history = ckpts.resume(
+      state, {"steps_per_epoch": steps_per_epoch, "dataset": dataclasses.asdict(info)}
+  )
+  run = _Run(config, state)
   learning_rate = learning_rate_schedule(config, steps_per_epoch)
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) + "\n")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  open(metrics_path, "w").close()
+  with open(metrics_path, "w") as f:  # After a resume, the epochs up to its checkpoint.
+    f.writelines(json.dumps(record) + "\n" for record in history)
   writer = summaries.Writer(os.path.join(workdir, "tensorboard"))
 
-  record: dict[str, Any] = {}
-  train_time_s = 0.0
-  for epoch in range(1, config.num_epochs + 1):
+  record: dict[str, Any] = history[-1] if history else {}
+  train_time_s = sum(past["epoch_time_s"] for past in history)
+  for epoch in range(record.get("epoch", 0) + 1, config.num_epochs + 1):
     start = time.perf_counter()
     state, train_metrics = run.train_epoch(state, _epoch_rng(data_rng, epoch))
     train_metrics = _to_host(train_metrics)
@@ -394,6 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flush=True,
     )
     writer.write_epoch(record)
+    history.append(record)
+    ckpts.end_of_epoch(state, history)
 
   final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:

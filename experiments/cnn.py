@@ -1,0 +1,25 @@
+"""A small CNN: two 3x3 conv layers (32, 64) with max-pooling, a 128-wide dense layer, dropout.
+
+  python -m mnist_jax.main --config=experiments/cnn.py --workdir=runs/cnn
+
+Adam 1e-3 with cosine decay, batch 128, standardized inputs. Target: >= 99.2% test accuracy in
+<= 120 s of training on a 2-core CPU, for seeds 0, 1 and 2. Measured: see WORKSPACE.md ("CNN").
+"""
+
+import ml_collections
+
+from experiments import seed_mlp
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = seed_mlp.get_config(arg)
+  config.pixel_mean, config.pixel_std = 0.1307, 0.3081
+  config.model = "cnn"
+  config.model_args = ml_collections.ConfigDict(
+      dict(features=(32, 64), dense_size=128, activation="relu", dropout_rate=0.25)
+  )
+  config.lr_schedule = "cosine"
+  if arg is None:
+    config.batch_size = 128
+    config.num_epochs = 6
+  return config

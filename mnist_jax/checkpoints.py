@@ -1,0 +1,330 @@
+"""Owns orbax: checkpoints in `<workdir>/checkpoints/`, their retention, resuming, and restoring.
+
+Each checkpoint is one orbax step directory, `checkpoints/<step>/` (`step`: training steps done),
+written by `ocp.CheckpointManager` (atomically: a half-written step is never listed), with items
+
+  state    `{"params", "opt_state", "step", "dropout_rng"}`, orbax's StandardSave
+  meta     JSON: `epoch`, `steps_per_epoch`, `dataset` (what predict needs) and `history`, the
+           metrics record of every epoch so far (metrics.jsonl is rewritten from it on resume)
+  config   JSON: the config the state was trained with
+  metrics  orbax's own: `{SELECTION_METRIC: value}`, which picks the best checkpoint
+
+Retention keeps the newest `config.keep_checkpoints` and the best by `SELECTION_METRIC`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+# The one name that ranks checkpoints; a validation split, once there is one, changes it here.
+SELECTION_METRIC = "test_accuracy"
+
+# Fields that may differ between a run and its resume because they do not change what is
+# trained. `num_epochs` joins them unless a schedule is stretched over it (see `config_changes`).
+RESUMABLE_CHANGES = ("num_epochs", "data_dir", "checkpoint_every_epochs", "keep_checkpoints")
+
+_ITEMS = ("state", "meta", "config")
+
+
+class CheckpointError(Exception):
+  """Checkpoints that cannot be used as asked, with a message that says what to do."""
+
+
+class Stopped(Exception):
+  """Training stopped at an epoch boundary on SIGINT or SIGTERM, its checkpoint saved."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """One restored checkpoint: its orbax step, the state, its meta item and its config."""
+
+  step: int
+  state: Any
+  meta: dict[str, Any]
+  config: ml_collections.ConfigDict
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
+  """orbax's manager for `workdir`; for reading only unless `keep` (the newest to keep)."""
+  best = lambda metrics: metrics[SELECTION_METRIC]
+  if keep is None:
+    # Not orbax's read_only, which logs a warning; this manager never saves, so never deletes.
+    options = ocp.CheckpointManagerOptions(create=False, best_fn=best, best_mode="max")
+  else:
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best,
+        best_mode="max",
+        # best_fn with max_to_keep alone would delete the newest when worse; resume needs them.
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(n=keep),
+            checkpoint_managers.BestN(get_metric_fn=best, n=1),
+        ]),
+        # Saves finish before the next epoch donates the state's buffers.
+        enable_async_checkpointing=False,
+        # Only the lock holder writes, so leftovers of a killed save are safe to remove.
+        cleanup_tmp_directories=True,
+    )
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=_ITEMS, options=options)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON values (tuples become lists), as the checkpoint stores it."""
+  return json.loads(config.to_json_best_effort())
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """Config fields (dotted) whose values differ from `saved` in a way that changes training.
+
+  `num_epochs` may rise or fall freely under a constant learning rate; under a schedule that
+  spans the whole run (`lr_schedule != "constant"`) it changes every step's rate, so it counts.
+  """
+  old, new = _flat(saved), _flat(config_to_dict(config))
+  free = set(RESUMABLE_CHANGES)
+  if old.get("lr_schedule") != "constant" or new.get("lr_schedule") != "constant":
+    free.discard("num_epochs")
+  return sorted(key for key in old.keys() | new.keys()
+                if key not in free and old.get(key, "<absent>") != new.get(key, "<absent>"))
+
+
+def _as_pytree(state: Any) -> dict[str, Any]:
+  """What a checkpoint holds of a `train.TrainState`: its arrays, in plain dicts and tuples."""
+  return {"params": state.params, "opt_state": state.opt_state, "step": jnp.asarray(state.step),
+          "dropout_rng": state.dropout_rng}
+
+
+def _restore_first_valid(
+    manager: ocp.CheckpointManager,
+    steps: list[int],
+    template_fn: Callable[[ml_collections.ConfigDict, dict[str, Any]], Any],
+    check_config: Callable[[dict[str, Any]], None] = lambda saved: None,
+) -> tuple[Restored, list[int]]:
+  """The first of `steps` that restores, and those before it that did not (with a warning each)."""
+  failed: list[tuple[int, Exception]] = []
+  for step in steps:
+    try:
+      saved = manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+      )
+    except Exception as e:  # pylint: disable=broad-except  # Damage shows as many error types.
+      failed.append((step, e))
+      continue
+    check_config(saved.config)
+    config = ml_collections.ConfigDict(saved.config).lock()
+    try:
+      template = template_fn(config, saved.meta)
+      arrays = manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_pytree(template)))
+      ).state
+      state = template.replace(**arrays)
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((step, e))
+      continue
+    for bad_step, error in failed:
+      print(f"mnist_jax: warning: checkpoint {bad_step} in {manager.directory} cannot be restored "
+            f"({_gist(error)}); using checkpoint {step}", file=sys.stderr)
+    return Restored(step, state, saved.meta, config), [bad for bad, _ in failed]
+  reasons = "; ".join(f"checkpoint {s}: {_gist(e)}" for s, e in failed)
+  raise CheckpointError(
+      f"no checkpoint in {manager.directory} can be restored ({reasons}); "
+      f"fix or move that directory away to start again"
+  )
+
+
+def _gist(error: Exception) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def restore(
+    workdir: str,
+    template_fn: Callable[[ml_collections.ConfigDict, dict[str, Any]], Any],
+    which: str = "best",
+) -> Restored:
+  """Restores the `which` checkpoint of `workdir` for use: "best", "latest" or a step number.
+
+  `template_fn(config, meta)` builds a state like the saved one (the shapes to restore into).
+  Where it cannot be restored, "best" falls back to the next best, "latest" to the next newest,
+  with a warning.
+  """
+  with _manager(workdir) as manager:
+    steps = list(manager.all_steps())
+    if not steps:
+      raise CheckpointError(f"no checkpoints in {manager.directory}; train with this --workdir first")
+    if which == "best":
+      metric = lambda step: (manager.metrics(step) or {}).get(SELECTION_METRIC, -math.inf)
+      candidates = sorted(steps, key=lambda step: (metric(step), step), reverse=True)
+    elif which == "latest":
+      candidates = sorted(steps, reverse=True)
+    elif which.isdigit() and int(which) in steps:
+      candidates = [int(which)]
+    else:
+      raise CheckpointError(f"--checkpoint={which} is not 'best', 'latest' or one of the steps {steps}")
+    return _restore_first_valid(manager, candidates, template_fn)[0]
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Holds an exclusive flock on `<workdir>/train.lock`; the kernel releases it if we die."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "train.lock")
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise CheckpointError(
+          f"{workdir} is in use by a training run ({holder} holds {path}); wait for it to end "
+          f"or use another --workdir"
+      ) from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      f.truncate(0)
+
+
+class TrainingCheckpoints:
+  """The checkpoints of one training run: resume, per-epoch saves, and a clean stop on signals.
+
+  Use as a context manager around the whole run: it locks the workdir against a second run,
+  and turns the first SIGINT or SIGTERM into a stop at the end of the current epoch (a second
+  one interrupts at once; the last good checkpoint stays either way).
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
+               allow_config_change: bool = False):
+    self.every = config.get("checkpoint_every_epochs", 1)
+    self.keep = config.get("keep_checkpoints", 3)
+    if self.every <= 0 or self.keep <= 0:
+      raise CheckpointError(
+          f"config.checkpoint_every_epochs ({self.every}) and config.keep_checkpoints "
+          f"({self.keep}) must be positive"
+      )
+    self.workdir = workdir
+    self.config = config
+    self.allow_config_change = allow_config_change
+    self.meta: dict[str, Any] = {}
+    self._stop_signal: int | None = None
+    self._stack = contextlib.ExitStack()
+    self._manager: ocp.CheckpointManager | None = None
+
+  def __enter__(self) -> TrainingCheckpoints:
+    self._stack.enter_context(_workdir_lock(self.workdir))
+    self._manager = self._stack.enter_context(_manager(self.workdir, self.keep))
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.signal(signum, self._on_signal)
+        self._stack.callback(signal.signal, signum, previous)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._stack.close()
+
+  def _on_signal(self, signum: int, frame) -> None:
+    del frame
+    self._stop_signal = signum
+    for other in (signal.SIGINT, signal.SIGTERM):  # A second signal interrupts at once.
+      signal.signal(other, signal.SIG_DFL if other == signal.SIGTERM else signal.default_int_handler)
+
+  def resume(self, state: Any, meta: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+    """The latest good checkpoint's state and metrics history, or `(state, [])` when none.
+
+    `meta` (steps per epoch, dataset) is stored with each save. Refuses a checkpoint trained with
+    a different config unless `allow_config_change`, and one beyond `config.num_epochs`.
+    """
+    self.meta = dict(meta)
+    steps = self._manager.all_steps()
+    if not steps:
+      return state, []
+    restored, bad_steps = _restore_first_valid(
+        self._manager, sorted(steps, reverse=True), lambda config, meta: state, self._check_config
+    )
+    # Newer damaged steps would collide with the steps about to be saved; keep them aside.
+    for step in bad_steps:
+      aside = os.path.join(self.workdir, "checkpoints_unreadable", str(step))
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.move(os.path.join(checkpoint_dir(self.workdir), str(step)), aside)
+      print(f"mnist_jax: warning: moved unreadable checkpoint {step} to {aside}", file=sys.stderr)
+    if bad_steps:
+      self._manager.reload()
+    epoch = restored.meta["epoch"]
+    if epoch > self.config.num_epochs:
+      raise CheckpointError(
+          f"{self.workdir} holds a checkpoint of epoch {epoch}, beyond config.num_epochs="
+          f"{self.config.num_epochs}; raise num_epochs or use another --workdir"
+      )
+    print(f"resuming from checkpoint {restored.step} (epoch {epoch}) in {self.workdir}", flush=True)
+    return restored.state, list(restored.meta["history"])
+
+  def _check_config(self, saved: dict[str, Any]) -> None:
+    changed = config_changes(saved, self.config)
+    if changed and not self.allow_config_change:
+      raise CheckpointError(
+          f"{self.workdir} was trained with a different config (changed: {', '.join(changed)}); "
+          f"use the same config, another --workdir, or --allow_config_change to continue anyway"
+      )
+
+  def end_of_epoch(self, state: Any, history: list[dict[str, Any]]) -> None:
+    """Saves after the epoch of `history[-1]` when due; after a signal, saves and raises `Stopped`.
+
+    The last epoch always saves; a signal during it lets the run end normally.
+    """
+    epoch = history[-1]["epoch"]
+    last = epoch == self.config.num_epochs
+    if last or epoch % self.every == 0 or self._stop_signal is not None:
+      self._save(state, history)
+    if self._stop_signal is not None and not last:
+      name = signal.Signals(self._stop_signal).name
+      raise Stopped(
+          f"stopped by {name} after epoch {epoch}; checkpoint {int(state.step)} saved in "
+          f"{checkpoint_dir(self.workdir)}", self._stop_signal,
+      )
+
+  def _save(self, state: Any, history: list[dict[str, Any]]) -> None:
+    meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history}
+    self._manager.save(
+        int(state.step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_as_pytree(state)),
+            meta=ocp.args.JsonSave(meta),
+            config=ocp.args.JsonSave(config_to_dict(self.config)),
+        ),
+        metrics={SELECTION_METRIC: history[-1][SELECTION_METRIC]},
+    )

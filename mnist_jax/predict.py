@@ -1,0 +1,142 @@
+"""Using a trained model: restore it from a workdir, make any digit image MNIST-like, predict.
+
+  model = predict.load("runs/seed_mlp")                # the best checkpoint
+  probs_NC = predict.probabilities(model, [photo_HW, drawing_HWC])
+
+MNIST digits are white on black, scaled to fit a 20x20 box (keeping their aspect ratio) and
+placed in 28x28 with their centre of mass at the centre. `mnist_like` does the same to a photo or
+drawing of one digit on a plain background, inverting it first when the background is light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mnist_jax import checkpoints, data, train
+
+MNIST_SIZE = 28
+DIGIT_BOX = 20
+# Pixels brighter than this fraction of the strongest stroke bound the digit (ignores faint noise).
+_INK_THRESHOLD = 0.2
+# An image whose strokes differ from the background by fewer grey levels holds no digit.
+_MIN_CONTRAST = 32.0
+
+
+class ImageError(Exception):
+  """An image file or array that cannot be predicted, with a message that says why."""
+
+
+def dataset_info(meta: dict) -> data.DatasetInfo:
+  """The dataset a model was trained on, as its checkpoint's meta item records it."""
+  saved = meta["dataset"]
+  return data.DatasetInfo(saved["name"], tuple(saved["image_shape"]), saved["num_classes"],
+                          tuple(saved["class_names"]))
+
+
+def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
+  """Restores the model of `workdir`: its "best" checkpoint, the "latest", or a step number."""
+
+  def template(config, meta):
+    info = dataset_info(meta)
+    return train.create_train_state(config, info, jax.random.PRNGKey(0), meta["steps_per_epoch"])
+
+  return checkpoints.restore(workdir, template, checkpoint)
+
+
+def load_image(path: str) -> np.ndarray:
+  """A file's pixels as grayscale float32 `[H, W]` in 0..255, transparency flattened onto white."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+      return np.asarray(image.convert("L"), np.float32)
+  except FileNotFoundError:
+    raise ImageError("no such file") from None
+  except IsADirectoryError:
+    raise ImageError("is a directory, not an image") from None
+  except UnidentifiedImageError:
+    raise ImageError("not an image file that Pillow can read") from None
+  except (OSError, ValueError) as e:  # Truncated or damaged image data.
+    raise ImageError(f"cannot be read as an image ({e})") from None
+
+
+def _to_gray(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image, np.float32)
+  if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+    # ITU-R 601 luma, as Pillow's convert("L"); an alpha channel is ignored for arrays.
+    image = image[..., 0] if image.shape[-1] == 1 else image[..., :3] @ np.float32([.299, .587, .114])
+  if image.ndim != 2 or min(image.shape) < 1:
+    raise ImageError(f"an image must be [H, W] or [H, W, 1|3|4], got shape {image.shape}")
+  return image
+
+
+def mnist_like(image: np.ndarray) -> np.ndarray:
+  """One digit image of any size (`[H, W]` or `[H, W, C]`, 0..255) as MNIST draws it: uint8 [28, 28].
+
+  The background is the median of the border pixels; a light one is inverted to black. The ink
+  above it is stretched to 0..255, cropped to the digit, resized to fit 20x20 and pasted with its
+  centre of mass at the centre of 28x28.
+  """
+  gray_HW = _to_gray(image)
+  border = np.concatenate([gray_HW[0], gray_HW[-1], gray_HW[:, 0], gray_HW[:, -1]])
+  background = float(np.median(border))
+  if background > 127.5:
+    gray_HW, background = 255.0 - gray_HW, 255.0 - background
+  ink_HW = np.clip(gray_HW - background, 0.0, None)
+  if ink_HW.max() < _MIN_CONTRAST:
+    raise ImageError("no digit found: the image is almost uniform")
+  ink_HW *= 255.0 / ink_HW.max()
+  rows = np.flatnonzero((ink_HW > _INK_THRESHOLD * 255).any(axis=1))
+  cols = np.flatnonzero((ink_HW > _INK_THRESHOLD * 255).any(axis=0))
+  crop = ink_HW[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  scale = DIGIT_BOX / max(crop.shape)
+  height, width = (max(1, round(side * scale)) for side in crop.shape)
+  digit = np.asarray(
+      Image.fromarray(crop.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+  ).clip(0.0, 255.0)
+  total = digit.sum() or 1.0
+  centre_y = (digit.sum(axis=1) * np.arange(height)).sum() / total
+  centre_x = (digit.sum(axis=0) * np.arange(width)).sum() / total
+  middle = (MNIST_SIZE - 1) / 2
+  top = min(max(round(middle - centre_y), 0), MNIST_SIZE - height)
+  left = min(max(round(middle - centre_x), 0), MNIST_SIZE - width)
+  canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+  canvas[top:top + height, left:left + width] = digit
+  return np.round(canvas).astype(np.uint8)
+
+
+@jax.jit
+def _softmax_logits(state: train.TrainState, images_NHWC: jax.Array) -> jax.Array:
+  return jax.nn.softmax(state.apply_fn({"params": state.params}, images_NHWC, train=False))
+
+
+def probabilities(
+    model: checkpoints.Restored, images: Sequence[np.ndarray] | np.ndarray, *, preprocess: bool = True
+) -> np.ndarray:
+  """Class probabilities `[N, num_classes]` of a trained model for N digit images.
+
+  Args:
+    model: from `load(workdir)`.
+    images: N arrays of pixels 0..255, `[H, W]` or `[H, W, 1|3|4]`, any size, or one stacked array.
+    preprocess: make each image MNIST-like first (`mnist_like`). Pass False for images that
+      already are, e.g. the dataset's own uint8 `[N, 28, 28, 1]`.
+
+  Raises:
+    ImageError: an image with no digit, or of an unusable shape.
+  """
+  info = dataset_info(model.meta)
+  if info.image_shape != (MNIST_SIZE, MNIST_SIZE, 1):
+    raise ImageError(f"predicting needs a 28x28 grayscale model; this one takes {info.image_shape}")
+  if preprocess:
+    images_NHW = np.stack([mnist_like(image) for image in images])
+  else:
+    images_NHW = np.asarray(images).reshape(-1, MNIST_SIZE, MNIST_SIZE)
+  normalized = data.normalize(images_NHW[..., None].astype(np.float32),
+                              model.config.pixel_mean, model.config.pixel_std)
+  return np.asarray(_softmax_logits(model.state, normalized))

@@ -1,0 +1,171 @@
+"""Saving, retention, fallback from damaged checkpoints, config checks and the workdir lock."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import load_config, run_main
+from mnist_jax import checkpoints, data, predict, train
+
+INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
+META = {"steps_per_epoch": 100, "dataset": {"name": "mnist", "image_shape": [28, 28, 1],
+                                            "num_classes": 10, "class_names": list("0123456789")}}
+
+
+def _config(**changes):
+  config = load_config("seed_mlp", "smoke")
+  config.num_epochs = 10
+  config.update(changes)
+  return config
+
+
+def _fresh_state(config):
+  return train.create_train_state(config, INFO, jax.random.PRNGKey(config.seed), 100)
+
+
+def _save_epochs(workdir, config, accuracies):
+  """Resumes `workdir` and saves one fake epoch per accuracy; returns the last state saved."""
+  with checkpoints.TrainingCheckpoints(str(workdir), config) as ckpts:
+    state, history = ckpts.resume(_fresh_state(config), META)
+    for accuracy in accuracies:
+      epoch = len(history) + 1
+      state = state.replace(step=jnp.int32(100 * epoch),
+                            params=jax.tree.map(lambda p: p + 1.0, state.params))
+      history.append({"epoch": epoch, "test_accuracy": accuracy, "epoch_time_s": 0.0})
+      ckpts.end_of_epoch(state, history)
+  return state
+
+
+def _steps(workdir):
+  return sorted(int(name) for name in os.listdir(checkpoints.checkpoint_dir(str(workdir))))
+
+
+def test_save_then_resume_restores_every_leaf_bitwise(tmp_path, mnist_train):
+  config = _config()
+  state = _fresh_state(config)
+  batch = {"image": data.normalize(mnist_train.images_NHWC[:64].astype(np.float32), 0.0, 1.0),
+           "label": mnist_train.labels_N[:64]}
+  for _ in range(3):  # Adam's moments and count become non-trivial.
+    state, _ = jax.jit(train.train_step)(state, batch)
+  history = [{"epoch": 1, "test_accuracy": 0.5, "epoch_time_s": 1.0}]
+  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+    ckpts.resume(_fresh_state(config), META)
+    ckpts.end_of_epoch(state, history)
+
+  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+    restored, restored_history = ckpts.resume(_fresh_state(config), META)
+  assert restored_history == history
+  assert int(restored.step) == 3
+  leaves, treedef = jax.tree.flatten(checkpoints._as_pytree(state))
+  restored_leaves, restored_treedef = jax.tree.flatten(checkpoints._as_pytree(restored))
+  assert restored_treedef == treedef
+  for leaf, restored_leaf in zip(leaves, restored_leaves):
+    assert restored_leaf.dtype == leaf.dtype
+    np.testing.assert_array_equal(restored_leaf, leaf)
+
+  # The documented plain-orbax restore reads the same params, with no mnist_jax code.
+  plain = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "3" / "state")
+  jax.tree.map(np.testing.assert_array_equal, plain["params"], jax.device_get(state.params))
+
+  model = predict.load(str(tmp_path), "latest")
+  assert checkpoints.config_to_dict(model.config) == checkpoints.config_to_dict(config)
+  assert model.meta["epoch"] == 1
+  jax.tree.map(np.testing.assert_array_equal, model.state.params, state.params)
+
+
+def test_retention_keeps_the_best_and_the_newest(tmp_path):
+  config = _config(keep_checkpoints=2)
+  _save_epochs(tmp_path, config, [0.5, 0.9, 0.6, 0.7, 0.65])
+  assert _steps(tmp_path) == [200, 400, 500]  # Epoch 2 (the best), then the newest two.
+  template = lambda config, meta: _fresh_state(config)
+  assert checkpoints.restore(str(tmp_path), template, "best").meta["epoch"] == 2
+  assert checkpoints.restore(str(tmp_path), template, "latest").meta["epoch"] == 5
+  assert checkpoints.restore(str(tmp_path), template, "400").meta["epoch"] == 4
+  with pytest.raises(checkpoints.CheckpointError, match=r"one of the steps \[200, 400, 500\]"):
+    checkpoints.restore(str(tmp_path), template, "300")
+
+
+def test_checkpoint_every_n_epochs_and_at_the_end(tmp_path):
+  config = _config(checkpoint_every_epochs=3, keep_checkpoints=10, num_epochs=7)
+  _save_epochs(tmp_path, config, [0.1] * 7)
+  assert _steps(tmp_path) == [300, 600, 700]
+
+
+def _damage(workdir, step):
+  """Truncates every file of a checkpoint's state, as a disk that filled up would."""
+  for root, _, files in os.walk(os.path.join(checkpoints.checkpoint_dir(str(workdir)), str(step))):
+    for name in files:
+      if "state" in root:
+        os.truncate(os.path.join(root, name), 0)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.2, 0.3])
+  _damage(tmp_path, 300)
+  capsys.readouterr()
+  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+    state, history = ckpts.resume(_fresh_state(config), META)
+  err = capsys.readouterr().err
+  assert "checkpoint 300" in err and "cannot be restored" in err and "using checkpoint 200" in err
+  assert int(state.step) == 200 and [r["epoch"] for r in history] == [1, 2]
+  # The damaged step is kept aside, not deleted, and the run goes on past it.
+  assert os.path.isdir(tmp_path / "checkpoints_unreadable" / "300")
+  _save_epochs(tmp_path, config, [0.3])
+  assert _steps(tmp_path) == [100, 200, 300]
+
+
+def test_no_readable_checkpoint_is_an_error_that_touches_nothing(tmp_path):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.2])
+  _damage(tmp_path, 100)
+  _damage(tmp_path, 200)
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in .* can be restored"):
+    with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+      ckpts.resume(_fresh_state(config), META)
+  assert _steps(tmp_path) == [100, 200]
+
+
+def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
+  _save_epochs(tmp_path, _config(), [0.1])
+  changed = _config(learning_rate=0.01)
+  changed.model_args.hidden_sizes = (64,)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"changed: learning_rate, model_args\.hidden_sizes\).*--allow_config"):
+    with checkpoints.TrainingCheckpoints(str(tmp_path), changed) as ckpts:
+      ckpts.resume(_fresh_state(changed), META)
+
+  # More epochs under a constant learning rate continue the same run.
+  longer = _config(num_epochs=20)
+  assert _save_epochs(tmp_path, longer, [0.2]).step == 200
+
+  # The explicit flag resumes under a new learning rate.
+  faster = _config(learning_rate=0.01, num_epochs=20)
+  with checkpoints.TrainingCheckpoints(str(tmp_path), faster, allow_config_change=True) as ckpts:
+    _, history = ckpts.resume(_fresh_state(faster), META)
+  assert len(history) == 2
+
+
+def test_num_epochs_counts_as_a_change_under_a_schedule_over_the_run(tmp_path):
+  _save_epochs(tmp_path, _config(lr_schedule="cosine"), [0.1])
+  longer = _config(lr_schedule="cosine", num_epochs=20)
+  with pytest.raises(checkpoints.CheckpointError, match=r"changed: num_epochs\)"):
+    with checkpoints.TrainingCheckpoints(str(tmp_path), longer) as ckpts:
+      ckpts.resume(_fresh_state(longer), META)
+
+
+def test_a_second_training_run_in_the_same_workdir_refuses(tmp_path):
+  with checkpoints.TrainingCheckpoints(str(tmp_path), _config()):
+    with pytest.raises(checkpoints.CheckpointError, match="in use by a training run"):
+      with checkpoints.TrainingCheckpoints(str(tmp_path), _config()):
+        pass
+    result = run_main("--config=experiments/seed_mlp.py:smoke", f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mnist_jax: "), result.stderr
+  assert f"pid {os.getpid()} holds" in lines[0]
+  assert not os.path.exists(tmp_path / "metrics.jsonl")

@@ -1,0 +1,94 @@
+"""Using a trained model: `--mode=eval`, `--mode=predict`, and `predict.probabilities`."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import load_config, run_main
+from mnist_jax import predict, train
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  config = load_config("seed_mlp", "smoke")
+  config.num_epochs = 2
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def _render(image_HW, index, path):
+  """A test digit as a photo of a drawing might be: dark on light, off centre, 100x100."""
+  canvas = np.full((44, 44), 255, np.uint8)
+  top, left = index % 17, (5 * index + 3) % 17
+  canvas[top:top + 28, left:left + 28] = 255 - image_HW
+  Image.fromarray(canvas).resize((100, 100), Image.Resampling.BILINEAR).save(path)
+  return str(path)
+
+
+def test_eval_prints_the_test_metrics_training_reported_for_the_best_checkpoint(workdir):
+  result = run_main("--mode=eval", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  best = max(records, key=lambda r: (r["test_accuracy"], r["epoch"]))
+  assert result.stdout.startswith(f"checkpoint {best['step']} (epoch {best['epoch']})")
+  # Exactly the floats training wrote, not merely close ones.
+  assert (f"test_loss {best['test_loss']!r}  test_accuracy {best['test_accuracy']!r}  "
+          f"test_examples 10000") in result.stdout
+
+
+def test_mnist_like_fits_the_digit_in_20x20_centred_by_mass(mnist_test, tmp_path):
+  digit = predict.mnist_like(predict.load_image(_render(mnist_test.images_NHWC[0, ..., 0], 5,
+                                                        tmp_path / "a.png")))
+  assert digit.shape == (28, 28) and digit.dtype == np.uint8
+  assert digit[0].max() == 0 and digit[:, 0].max() == 0  # Inverted: a black background.
+  rows, cols = np.flatnonzero(digit.any(1)), np.flatnonzero(digit.any(0))
+  assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 in (20, 21)  # 20, plus resampling blur.
+  mass = digit.astype(np.float64) / digit.sum()
+  centre = (mass.sum(1) @ np.arange(28), mass.sum(0) @ np.arange(28))
+  np.testing.assert_allclose(centre, (13.5, 13.5), atol=0.75)
+
+
+def test_predicts_rendered_test_digits_like_the_originals(workdir, mnist_test, tmp_path):
+  count = 60
+  images = [predict.load_image(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png"))
+            for i in range(count)]
+  model = predict.load(str(workdir))
+  probs = predict.probabilities(model, images)
+  assert probs.shape == (count, 10)
+  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+  labels = mnist_test.labels_N[:count]
+  rendered_accuracy = np.mean(probs.argmax(1) == labels)
+  original = predict.probabilities(model, mnist_test.images_NHWC[:count], preprocess=False)
+  original_accuracy = np.mean(original.argmax(1) == labels)
+  assert rendered_accuracy >= 0.85, (rendered_accuracy, original_accuracy)
+
+
+def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mnist_test, tmp_path):
+  good = [_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png") for i in (0, 1)]
+  Image.open(good[1]).convert("RGB").save(tmp_path / "1.jpg")
+  good[1] = str(tmp_path / "1.jpg")
+  (tmp_path / "notes.png").write_text("not an image")
+  (tmp_path / "cut.png").write_bytes((tmp_path / "0.png").read_bytes()[:100])
+  Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
+  bad = {
+      str(tmp_path / "missing.png"): "no such file",
+      str(tmp_path / "notes.png"): "not an image file",
+      str(tmp_path / "cut.png"): "cannot be read as an image",
+      str(tmp_path / "blank.png"): "no digit found",
+  }
+  paths = [good[0], *bad, good[1]]
+  result = run_main("--mode=predict", f"--workdir={workdir}", f"--images={','.join(paths)}")
+  assert result.returncode == 1
+
+  model = predict.load(str(workdir))
+  expected = predict.probabilities(model, [predict.load_image(path) for path in good])
+  assert result.stdout.splitlines() == [
+      f"{path}  {probs.argmax()}  {probs.max():.4f}" for path, probs in zip(good, expected)
+  ]
+  errors = result.stderr.strip().splitlines()
+  assert len(errors) == len(bad), result.stderr
+  for line, (path, reason) in zip(errors, bad.items()):
+    assert line.startswith(f"mnist_jax: {path}: {reason}"), line
