@@ -21,5 +21,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lr_schedule = "cosine"
   if arg is None:
     config.batch_size = 128
-    config.num_epochs = 6
+    config.num_epochs = 5
   return config

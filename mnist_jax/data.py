@@ -8,12 +8,16 @@ from the same files with numpy, in the order tfds would give.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
 import hashlib
 import importlib.resources
+import io
 import os
+import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -160,7 +164,11 @@ def _prepare_bundled_mnist(data_dir: str | None) -> None:
           for split, (images_file, labels_file) in _MNIST_FILES.items()
       ]
 
-  BundledMNIST(data_dir=data_dir).download_and_prepare()
+  builder = BundledMNIST(data_dir=data_dir)
+  print(f"mnist_jax: preparing tfds' mnist in {builder.data_dir} from the bundled files (once)",
+        file=sys.stderr, flush=True)
+  with contextlib.redirect_stdout(io.StringIO()):  # tfds' own lines speak of a download.
+    builder.download_and_prepare()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,15 +238,34 @@ def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
   return Split(images, labels.astype(np.int32))
 
 
+def holdout_splits(num_train: int, validation_fraction: float) -> tuple[str, str | None]:
+  """tfds split strings for training and validation: the end of `train` is held out.
+
+  `(train, None)` without a fraction; else, e.g. for 0.1 of 60,000: `train[:54000]`, `train[54000:]`.
+  """
+  if not validation_fraction:
+    return "train", None
+  num_kept = num_train - round(num_train * validation_fraction)
+  return f"train[:{num_kept}]", f"train[{num_kept}:]"
+
+
+_SLICE = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
+
+
 def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
-  """Loads a whole split: through tfds where it is installed, else the bundled MNIST."""
+  """Loads a whole split, e.g. `test` or `train[:54000]`: through tfds where it is installed,
+  else from the bundled MNIST (whole splits and index slices only)."""
   if have_tensorflow():
     return load_tfds(name, split, data_dir)
   if name != "mnist":
     raise DataError(f"dataset {name!r} needs tensorflow-datasets; only 'mnist' loads without it")
-  if split not in _MNIST_FILES:
-    raise DataError(f"split {split!r} needs tensorflow-datasets; without it use 'train' or 'test'")
-  return load_bundled_mnist(split)
+  match = _SLICE.match(split)
+  if not match or match[1] not in _MNIST_FILES:
+    raise DataError(f"split {split!r} needs tensorflow-datasets; without it use 'train' or 'test'"
+                    " or an index slice of them such as 'train[:54000]'")
+  whole = load_bundled_mnist(match[1])
+  rows = slice(int(match[2]) if match[2] else None, int(match[3]) if match[3] else None)
+  return Split(whole.images_NHWC[rows], whole.labels_N[rows])
 
 
 # ---------------------------------------------------------------------------------------------

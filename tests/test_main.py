@@ -7,7 +7,8 @@ import pytest
 from conftest import run_main
 
 
-def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path):
+def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
+  del mnist_test  # Prepared already, as it is after the first run.
   result = run_main("--config=experiments/seed_mlp.py", "--config.num_epochs=1",
                     f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr

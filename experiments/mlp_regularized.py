@@ -1,0 +1,26 @@
+"""A wider MLP with dropout: 784-1024-1024-10, dropout 0.2, AdamW with cosine decay.
+
+  python -m mnist_jax.main --config=experiments/mlp_regularized.py --workdir=runs/mlp_regularized
+
+Batch 128, 20 epochs, standardized inputs. Target: >= 98.5% test accuracy (Keras' classic
+512-512 dropout MLP reports 98.40% after 20 epochs). Measured: see WORKSPACE.md.
+"""
+
+import ml_collections
+
+from experiments import seed_mlp
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = seed_mlp.get_config(arg)
+  config.pixel_mean, config.pixel_std = 0.1307, 0.3081
+  config.model_args = ml_collections.ConfigDict(
+      dict(hidden_sizes=(1024, 1024), activation="relu", dropout_rate=0.2)
+  )
+  config.optimizer = "adamw"
+  config.weight_decay = 1e-4
+  config.lr_schedule = "cosine"
+  if arg is None:
+    config.batch_size = 128
+    config.num_epochs = 20
+  return config
