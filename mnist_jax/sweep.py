@@ -124,12 +124,19 @@ def selection_metric(config: ml_collections.ConfigDict) -> str:
 
 
 def _is_finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
+  """Whether `run_dir` holds a run of `config` whose final metrics came after its config.
+
+  Training writes `config.json` when it starts and `final_metrics.json` when it ends, so older
+  final metrics beside a newer config are those of an earlier, shorter run.
+  """
+  config_path = os.path.join(run_dir, "config.json")
+  final_path = os.path.join(run_dir, "final_metrics.json")
   try:
-    with open(os.path.join(run_dir, "config.json")) as f:
+    with open(config_path) as f:
       same_config = json.load(f) == json.loads(config.to_json_best_effort())
+    return same_config and os.path.getmtime(final_path) >= os.path.getmtime(config_path)
   except (OSError, ValueError):
     return False
-  return same_config and os.path.exists(os.path.join(run_dir, "final_metrics.json"))
 
 
 def seed_results(point_dir: str, seeds: Sequence[int]) -> list[dict[str, Any]] | None:
