@@ -1,4 +1,4 @@
-"""The Fashion-MNIST configs train on `tfds.testing.mock_data`, and offline they stop in one line."""
+"""The Fashion-MNIST configs train on `tfds.testing.mock_data`; offline they stop in one line."""
 
 import json
 import os
