@@ -5,7 +5,9 @@
 
 Trains 9 points x 3 seeds into `runs/lr_batch_sweep/<point>/seed_<seed>/` and ranks the points in
 `runs/lr_batch_sweep/sweep_summary.md` (and `.csv`). Running the command again skips finished
-seeds and resumes unfinished ones. Measured: see WORKSPACE.md ("Sweeps").
+seeds and resumes unfinished ones. Measured on a shared 2-core CPU (27 runs, 4.5 min):
+best learning rate 1e-3 at batch 32, 97.78 +- 0.20% test accuracy over seeds 0-2, with the next
+three points within 0.13 points of it; the table is in WORKSPACE.md ("Sweeps").
 
 `experiments/lr_batch_sweep.py:smoke`: 2 learning rates x 2 batch sizes x 2 seeds, one epoch each.
 """
