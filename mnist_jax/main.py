@@ -9,15 +9,24 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import data, train
+from mnist_jax import data, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join the other processes through jax.distributed.initialize; on Cloud "
+    "TPU, SLURM and Open MPI it finds them itself, elsewhere give the three flags below.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, the same for every process (--multihost)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes (--multihost).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 first (--multihost).")
 
-_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError)
+_EXPECTED_ERRORS = (data.DataError, train.ConfigError, train.TrainingError, parallel.ParallelError)
 
 
 def _one_line(error: Exception) -> str:
@@ -56,7 +65,12 @@ def main(argv: list[str]) -> None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
+  cluster = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID)
+  if not _MULTIHOST.value and any(flag.present for flag in cluster):
+    sys.exit(f"mnist_jax: --{next(f for f in cluster if f.present).name} needs --multihost")
   try:
+    if _MULTIHOST.value:
+      parallel.initialize_distributed(*(flag.value for flag in cluster))
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except _EXPECTED_ERRORS as e:
     sys.exit(f"mnist_jax: {e}")

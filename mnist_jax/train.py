@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax import data, models
+from mnist_jax import data, models, parallel
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -167,14 +168,19 @@ def train_epoch(
     batch_size: int,
     mean: float,
     std: float,
+    num_examples: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One epoch over device-resident uint8 images, shuffled by `epoch_rng`, as a `lax.scan`.
 
   The last `N % batch_size` examples of each permutation are left out, so every step has the
-  same shape; a new permutation each epoch means every example is seen.
+  same shape; a new permutation each epoch means every example is seen. Rows past `num_examples`
+  (padding that makes the arrays divide among devices) are never drawn. With `batch_sharding`,
+  each gathered batch is laid out that way (split along the mesh's `data` axis).
   """
-  steps = images_NHWC.shape[0] // batch_size
-  order_SB = jax.random.permutation(epoch_rng, images_NHWC.shape[0])[: steps * batch_size]
+  num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
+  steps = num_examples // batch_size
+  order_SB = jax.random.permutation(epoch_rng, num_examples)[: steps * batch_size]
   order_SB = order_SB.reshape(steps, batch_size)
 
   def step(state, indices_B):
@@ -182,6 +188,8 @@ def train_epoch(
         "image": data.normalize(images_NHWC[indices_B].astype(jnp.float32), mean, std),
         "label": labels_N[indices_B],
     }
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(state, batch)
 
   state, metrics_S = jax.lax.scan(step, state, order_SB)
@@ -196,11 +204,16 @@ def evaluate(
     batch_size: int,
     mean: float,
     std: float,
+    num_examples: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Metrics:
-  """Loss and accuracy over every example, the last batch padded and masked, as a `lax.scan`."""
-  num_examples = images_NHWC.shape[0]
+  """Loss and accuracy over every example, the last batch padded and masked, as a `lax.scan`.
+
+  Rows past `num_examples` are padding and count for nothing; `batch_sharding` as in `train_epoch`.
+  """
+  num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
   steps = -(-num_examples // batch_size)
-  padding = steps * batch_size - num_examples
+  padding = steps * batch_size - images_NHWC.shape[0]
   images_SB = jnp.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3).reshape(
       steps, batch_size, *images_NHWC.shape[1:]
   )
@@ -214,6 +227,8 @@ def evaluate(
         "label": labels,
         "mask": mask,
     }
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return jax.tree.map(jnp.add, sums, eval_step(state, batch)), None
 
   zeros = {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
@@ -266,32 +281,52 @@ def _to_host(metrics: Metrics) -> dict[str, float]:
 
 
 class _Run:
-  """Compiled epoch and eval functions of one pipeline, with the data they read."""
+  """Compiled epoch and eval functions of one pipeline, with the data they read.
+
+  Batches and resident splits are sharded along the mesh's `data` axis over all devices of all
+  processes, the state as `parallel.state_sharding` says (replicated).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
     self.config = config
-    norm = dict(mean=config.pixel_mean, std=config.pixel_std)
+    self.mesh = mesh = parallel.create_mesh()
+    parallel.check_batch_size("config.batch_size", config.batch_size, mesh)
+    parallel.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh)
+    self.state_sharding = state_sh = parallel.state_sharding(mesh, state)
+    batch_sh, replicated_sh = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=batch_sh)
     if config.input_pipeline == "device":
       train = data.load_split(config.dataset, "train", config.data_dir)
       test = data.load_split(config.dataset, "test", config.data_dir)
-      self.train_arrays = jax.device_put((train.images_NHWC, train.labels_N))
-      self.test_arrays = jax.device_put((test.images_NHWC, test.labels_N))
+      self.train_arrays = parallel.put_examples((train.images_NHWC, train.labels_N), mesh)
+      self.test_arrays = parallel.put_examples((test.images_NHWC, test.labels_N), mesh)
       start = time.perf_counter()
       epoch_rng = _epoch_rng(jax.random.PRNGKey(0), 0)
       self._train_epoch = (
-          jax.jit(train_epoch, donate_argnums=0, static_argnames=("batch_size", "mean", "std"))
-          .lower(state, *self.train_arrays, epoch_rng, batch_size=config.batch_size, **norm)
+          jax.jit(
+              functools.partial(train_epoch, batch_size=config.batch_size,
+                                num_examples=len(train), **norm),
+              donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh, replicated_sh),
+              out_shardings=(state_sh, replicated_sh),
+          )
+          .lower(state, *self.train_arrays, epoch_rng)
           .compile()
       )
       self._evaluate = (
-          jax.jit(evaluate, static_argnames=("batch_size", "mean", "std"))
-          .lower(state, *self.test_arrays, batch_size=config.eval_batch_size, **norm)
+          jax.jit(
+              functools.partial(evaluate, batch_size=config.eval_batch_size,
+                                num_examples=len(test), **norm),
+              in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=replicated_sh,
+          )
+          .lower(state, *self.test_arrays)
           .compile()
       )
       self.compile_time_s = time.perf_counter() - start
     else:
-      self._train_step = jax.jit(train_step, donate_argnums=0)
-      self._eval_step = jax.jit(eval_step)
+      self._train_step = jax.jit(train_step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
+                                 out_shardings=(state_sh, replicated_sh))
+      self._eval_step = jax.jit(eval_step, in_shardings=(state_sh, batch_sh),
+                                out_shardings=replicated_sh)
       self.compile_time_s = 0.0  # Compiled at the first step, inside the first epoch's time.
 
   def train_epoch(self, state: TrainState, epoch_rng: jax.Array) -> tuple[TrainState, Metrics]:
@@ -302,7 +337,7 @@ class _Run:
         mean=self.config.pixel_mean, std=self.config.pixel_std,
         shuffle_seed=_stream_seed(epoch_rng), data_dir=self.config.data_dir,
     )
-    return train_epoch_stream(self._train_step, state, batches)
+    return train_epoch_stream(self._train_step, state, self._sharded(batches))
 
   def evaluate(self, state: TrainState) -> Metrics:
     if self.config.input_pipeline == "device":
@@ -311,14 +346,18 @@ class _Run:
         self.config.dataset, "test", batch_size=self.config.eval_batch_size,
         mean=self.config.pixel_mean, std=self.config.pixel_std, data_dir=self.config.data_dir,
     )
-    return evaluate_stream(self._eval_step, state, batches)
+    return evaluate_stream(self._eval_step, state, self._sharded(batches))
+
+  def _sharded(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+    return (parallel.put_batch(batch, self.mesh) for batch in batches)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` for `config.num_epochs`, evaluating on the test split after each epoch.
 
   Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
-  `workdir`, prints one line per epoch, and returns the final metrics.
+  `workdir`, prints one line per epoch, and returns the final metrics. Under `jax.distributed`
+  every process trains and returns the metrics; only the first writes and prints.
   """
   validate_config(config)
   info = data.dataset_info(config.dataset, config.data_dir)
@@ -331,12 +370,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state = create_train_state(config, info, init_rng, steps_per_epoch)
   run = _Run(config, state)
+  state = jax.device_put(state, run.state_sharding)
+  writes = parallel.is_main_process()
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2) + "\n")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  open(metrics_path, "w").close()
+  if writes:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
+    open(metrics_path, "w").close()
 
   record: dict[str, Any] = {}
   train_time_s = 0.0
@@ -362,6 +404,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "test_examples": int(test_metrics["count"]),
         "epoch_time_s": epoch_time_s,
     }
+    if not writes:
+      continue
     with open(metrics_path, "a") as f:
       f.write(json.dumps(record) + "\n")
     print(
@@ -372,6 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
   final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
-  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-    json.dump(final, f, indent=2)
+  if writes:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2)
   return final
