@@ -94,22 +94,19 @@ def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:
   )
 
 
-def padded_size(num_examples: int, mesh: Mesh) -> int:
-  """The smallest size >= `num_examples` that splits evenly along the `data` axis."""
-  shards = data_shards(mesh)
-  return -(-num_examples // shards) * shards
-
-
-def put_examples(arrays: Any, mesh: Mesh) -> Any:
+def put_examples(arrays: Any, mesh: Mesh, multiple: int | None = None) -> Any:
   """Host arrays (the same on every process) -> global arrays sharded along `data`.
 
-  Each array is padded with zeros to `padded_size` rows; each process transfers only the rows of
+  Each array is padded with zeros to a multiple of `multiple` rows (default: the number of `data`
+  shards; else a multiple of it, such as the batch size); each process transfers only the rows of
   its own devices.
   """
   sharding = data_sharding(mesh)
+  multiple = multiple or data_shards(mesh)
+  assert multiple % data_shards(mesh) == 0, (multiple, mesh)
 
   def put(array: np.ndarray) -> jax.Array:
-    padding = padded_size(array.shape[0], mesh) - array.shape[0]
+    padding = -array.shape[0] % multiple
     if padding:
       array = np.pad(array, [(0, padding)] + [(0, 0)] * (array.ndim - 1))
     return jax.make_array_from_process_local_data(sharding, array, array.shape)

@@ -207,18 +207,25 @@ def evaluate(
     num_examples: int | None = None,
     batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Metrics:
-  """Loss and accuracy over every example, the last batch padded and masked, as a `lax.scan`.
+  """Loss and accuracy over every example, padded to whole batches and masked, as a `lax.scan`.
 
   Rows past `num_examples` are padding and count for nothing; `batch_sharding` as in `train_epoch`.
+  With the rows split into `D` contiguous blocks, one per device along `data`, batch `s` takes the
+  `s`-th `batch_size / D` rows of every block, so each device feeds its share of every batch from
+  its own memory (the sums do not depend on order). With one device, batches are consecutive rows.
   """
   num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
   steps = -(-num_examples // batch_size)
   padding = steps * batch_size - images_NHWC.shape[0]
-  images_SB = jnp.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3).reshape(
-      steps, batch_size, *images_NHWC.shape[1:]
-  )
-  labels_SB = jnp.pad(labels_N, (0, padding)).reshape(steps, batch_size)
-  mask_SB = (jnp.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
+  per_shard = batch_size if batch_sharding is None else batch_sharding.shard_shape((batch_size,))[0]
+
+  def batches(x_N):
+    x_N = jnp.pad(x_N, [(0, padding)] + [(0, 0)] * (x_N.ndim - 1))
+    x_DSb = x_N.reshape(batch_size // per_shard, steps, per_shard, *x_N.shape[1:])
+    return jnp.swapaxes(x_DSb, 0, 1).reshape(steps, batch_size, *x_N.shape[1:])
+
+  images_SB, labels_SB = batches(images_NHWC), batches(labels_N)
+  mask_SB = batches(jnp.arange(steps * batch_size) < num_examples)
 
   def step(sums, batch):
     images, labels, mask = batch
@@ -299,7 +306,9 @@ class _Run:
       train = data.load_split(config.dataset, "train", config.data_dir)
       test = data.load_split(config.dataset, "test", config.data_dir)
       self.train_arrays = parallel.put_examples((train.images_NHWC, train.labels_N), mesh)
-      self.test_arrays = parallel.put_examples((test.images_NHWC, test.labels_N), mesh)
+      self.test_arrays = parallel.put_examples(
+          (test.images_NHWC, test.labels_N), mesh, multiple=config.eval_batch_size
+      )
       start = time.perf_counter()
       epoch_rng = _epoch_rng(jax.random.PRNGKey(0), 0)
       self._train_epoch = (
