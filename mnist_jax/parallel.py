@@ -12,10 +12,12 @@ all draw the same epoch permutations from the same keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -45,10 +47,11 @@ def initialize_distributed(
     )
   except (ValueError, TypeError, RuntimeError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ParallelError(
-        f"jax.distributed.initialize failed ({first_line}); outside Cloud TPU, SLURM and Open MPI "
-        "pass --coordinator_address, --num_processes and --process_id"
-    ) from e
+    hint = ""
+    if None in (coordinator_address, num_processes, process_id):
+      hint = "; outside Cloud TPU, SLURM and Open MPI give the coordinator address, the number "
+      hint += "of processes and this process's id"
+    raise ParallelError(f"jax.distributed.initialize failed ({first_line}){hint}") from e
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -125,3 +128,16 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
 def is_main_process() -> bool:
   """Whether this process writes files and prints: the first, or the only one."""
   return jax.process_index() == 0
+
+
+def main_process_first(fn: Callable[..., Any], *args: Any) -> Any:
+  """`fn(*args)` on the first process, then on all others.
+
+  For work that two processes must not do at once, such as preparing a dataset in a directory
+  that all hosts share.
+  """
+  if jax.process_count() == 1:
+    return fn(*args)
+  result = fn(*args) if is_main_process() else None
+  multihost_utils.sync_global_devices(f"mnist_jax {fn.__name__}")
+  return result if is_main_process() else fn(*args)

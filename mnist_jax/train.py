@@ -225,7 +225,7 @@ def evaluate(
     return jnp.swapaxes(x_DSb, 0, 1).reshape(steps, batch_size, *x_N.shape[1:])
 
   images_SB, labels_SB = batches(images_NHWC), batches(labels_N)
-  mask_SB = batches(jnp.arange(steps * batch_size) < num_examples)
+  mask_SB = batches(jnp.arange(images_NHWC.shape[0]) < num_examples)
 
   def step(sums, batch):
     images, labels, mask = batch
@@ -369,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   every process trains and returns the metrics; only the first writes and prints.
   """
   validate_config(config)
-  info = data.dataset_info(config.dataset, config.data_dir)
+  info = parallel.main_process_first(data.dataset_info, config.dataset, config.data_dir)
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch == 0:

@@ -127,3 +127,14 @@ def test_cluster_flags_need_multihost(tmp_path, flag):
   result = run_main(*_smoke_flags(tmp_path, 1), flag)
   assert result.returncode != 0
   assert result.stderr.strip() == f"mnist_jax: --{flag[2:].split('=')[0]} needs --multihost"
+
+
+def test_multihost_outside_a_cluster_it_can_detect_asks_for_the_cluster_flags(tmp_path):
+  env_names = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES")
+  if any(name in os.environ for name in env_names):
+    pytest.skip("runs inside a cluster that JAX detects")
+  result = run_main(*_smoke_flags(tmp_path, 1), "--multihost")
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mnist_jax: jax.distributed.initialize failed")
+  assert "coordinator address" in lines[0]
