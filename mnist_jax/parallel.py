@@ -71,6 +71,7 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy on every device."""
   return NamedSharding(mesh, P())
 
 
@@ -80,6 +81,7 @@ def state_sharding(mesh: Mesh, state: Any) -> Any:
 
 
 def data_shards(mesh: Mesh) -> int:
+  """Into how many parts a batch is split."""
   return mesh.shape[DATA_AXIS]
 
 
