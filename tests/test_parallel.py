@@ -45,8 +45,8 @@ def _assert_close(params, reference):
     np.testing.assert_allclose(array, reference[path], rtol=1e-4, atol=1e-5, err_msg=path)
 
 
-def _worker(params_dir, flags, xla_flags, log_path):
-  env = {**os.environ, "XLA_FLAGS": xla_flags}
+def _worker(params_dir, flags, xla_flags, log_path, **env_vars):
+  env = {**os.environ, "XLA_FLAGS": xla_flags, **env_vars}
   with open(log_path, "w") as log:
     return subprocess.Popen(
         [sys.executable, os.path.join("tests", "parallel_worker.py"), str(params_dir), *flags],
@@ -77,8 +77,7 @@ def test_eight_devices_train_like_one(tmp_path):
   assert [json.loads(line)["step"] for line in lines] == [468, 936]
 
 
-def test_two_processes_on_localhost_train_like_one(tmp_path, mnist_train):
-  del mnist_train  # Prepared here first, so the two processes do not both prepare it.
+def test_two_processes_on_localhost_train_like_one(tmp_path):
   cluster = ["--multihost", f"--coordinator_address=localhost:{_free_port()}",
              "--num_processes=2"]
   workers = []
@@ -88,6 +87,8 @@ def test_two_processes_on_localhost_train_like_one(tmp_path, mnist_train):
           tmp_path / "params", [*_smoke_flags(tmp_path / "run", 1), *cluster,
                                 f"--process_id={process_id}"],
           "--xla_force_host_platform_device_count=2", tmp_path / f"log{process_id}",
+          # One data dir that MNIST is not yet prepared in: process 0 prepares it, then the other.
+          TFDS_DATA_DIR=str(tmp_path / "tfds"),
       ))
     for worker in workers:
       worker.wait(timeout=150)
