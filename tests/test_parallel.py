@@ -1,5 +1,6 @@
 """Data parallel training: 8 CPU devices and 2 processes on localhost against one device."""
 
+import functools
 import json
 import os
 import socket
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config, run_main
-from mnist_jax import train
+from mnist_jax import data, parallel, train
 from parallel_worker import local_params, train_keeping_state
 
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
@@ -139,3 +140,47 @@ def test_multihost_outside_a_cluster_it_can_detect_asks_for_the_cluster_flags(tm
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("mnist_jax: jax.distributed.initialize failed")
   assert "coordinator address" in lines[0]
+
+
+def _check_padding_on_eight_devices():
+  """1003 random examples, padded to divide among 8 devices, against the same unpadded on one."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (1003, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 1003, dtype=np.int32)
+  info = data.DatasetInfo("random", (28, 28, 1), 10, tuple("0123456789"))
+  state = train.create_train_state(load_config("seed_mlp"), info, jax.random.PRNGKey(0), 15)
+  mesh = parallel.create_mesh()
+  sharded = dict(num_examples=1003, batch_sharding=parallel.data_sharding(mesh), mean=0.0, std=1.0)
+  replicated_state = jax.device_put(state, parallel.state_sharding(mesh, state))
+
+  epoch = functools.partial(train.train_epoch, batch_size=64, mean=0.0, std=1.0)
+  one, _ = jax.jit(epoch)(state, images, labels, jax.random.PRNGKey(1))
+  train_arrays = parallel.put_examples((images, labels), mesh)
+  assert train_arrays[0].shape[0] == 1008
+  eight, _ = jax.jit(functools.partial(train.train_epoch, batch_size=64, **sharded))(
+      replicated_state, *train_arrays, jax.random.PRNGKey(1))
+  assert int(eight.step) == int(one.step) == 1003 // 64
+  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # Adam steps are about 1e-3.
+
+  expected = jax.jit(functools.partial(train.evaluate, batch_size=96, mean=0.0, std=1.0))(
+      one, images, labels)
+  test_arrays = parallel.put_examples((images, labels), mesh, multiple=96)
+  assert test_arrays[0].shape[0] == 1056
+  got = jax.jit(functools.partial(train.evaluate, batch_size=96, **sharded))(
+      jax.device_put(one, parallel.state_sharding(mesh, one)), *test_arrays)
+  assert int(got["count"]) == int(expected["count"]) == 1003
+  assert float(got["accuracy"]) == float(expected["accuracy"])
+  np.testing.assert_allclose(float(got["loss"]), float(expected["loss"]), rtol=1e-5)
+
+
+def test_padding_rows_are_never_drawn_or_counted():
+  result = subprocess.run(
+      [sys.executable, "-c", "import test_parallel; test_parallel._check_padding_on_eight_devices()"],
+      cwd=os.path.join(REPO, "tests"), env={**os.environ, "XLA_FLAGS": EIGHT_DEVICES},
+      capture_output=True, text=True, timeout=300, check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
