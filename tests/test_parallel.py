@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +56,16 @@ def _worker(params_dir, flags, xla_flags, log_path, **env_vars):
     )
 
 
+def _wait_for_all(workers, timeout):
+  """Waits until every worker has exited, one has failed, or `timeout` seconds have passed."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    codes = [worker.poll() for worker in workers]
+    if None not in codes or any(code not in (None, 0) for code in codes):
+      return
+    time.sleep(0.2)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -91,11 +102,11 @@ def test_two_processes_on_localhost_train_like_one(tmp_path):
           # One data dir that MNIST is not yet prepared in: process 0 prepares it, then the other.
           TFDS_DATA_DIR=str(tmp_path / "tfds"),
       ))
-    for worker in workers:
-      worker.wait(timeout=150)
-  finally:
+    _wait_for_all(workers, timeout=150)
+  finally:  # A worker still running here is stuck: the other one failed, or time ran out.
     for worker in workers:
       worker.kill()
+      worker.wait()
   for process_id, worker in enumerate(workers):
     assert worker.returncode == 0, (tmp_path / f"log{process_id}").read_text()
 
