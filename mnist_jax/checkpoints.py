@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
@@ -246,7 +247,8 @@ class TrainingCheckpoints:
     self._manager: ocp.CheckpointManager | None = None
 
   def __enter__(self) -> TrainingCheckpoints:
-    self._stack.enter_context(_workdir_lock(self.workdir))
+    if jax.process_index() == 0:  # The other processes of a multi-host run share the workdir.
+      self._stack.enter_context(_workdir_lock(self.workdir))
     self._manager = self._stack.enter_context(_manager(self.workdir, self.keep))
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoints, data, models, progress, reports, summaries
+from mnist_jax import checkpoints, data, models, parallel, progress, reports, summaries
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -174,14 +175,19 @@ def train_epoch(
     batch_size: int,
     mean: float,
     std: float,
+    num_examples: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One epoch over device-resident uint8 images, shuffled by `epoch_rng`, as a `lax.scan`.
 
   The last `N % batch_size` examples of each permutation are left out, so every step has the
-  same shape; a new permutation each epoch means every example is seen.
+  same shape; a new permutation each epoch means every example is seen. Rows past `num_examples`
+  (padding that makes the arrays divide among devices) are never drawn. With `batch_sharding`,
+  each gathered batch is laid out that way (split along the mesh's `data` axis).
   """
-  steps = images_NHWC.shape[0] // batch_size
-  order_SB = jax.random.permutation(epoch_rng, images_NHWC.shape[0])[: steps * batch_size]
+  num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
+  steps = num_examples // batch_size
+  order_SB = jax.random.permutation(epoch_rng, num_examples)[: steps * batch_size]
   order_SB = order_SB.reshape(steps, batch_size)
 
   def step(state, indices_B):
@@ -189,6 +195,8 @@ def train_epoch(
         "image": data.normalize(images_NHWC[indices_B].astype(jnp.float32), mean, std),
         "label": labels_N[indices_B],
     }
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(state, batch)
 
   state, metrics_S = jax.lax.scan(step, state, order_SB)
@@ -203,16 +211,28 @@ def evaluate(
     batch_size: int,
     mean: float,
     std: float,
+    num_examples: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Metrics:
-  """Loss and accuracy over every example, the last batch padded and masked, as a `lax.scan`."""
-  num_examples = images_NHWC.shape[0]
+  """Loss and accuracy over every example, padded to whole batches and masked, as a `lax.scan`.
+
+  Rows past `num_examples` are padding and count for nothing; `batch_sharding` as in `train_epoch`.
+  With the rows split into `D` contiguous blocks, one per device along `data`, batch `s` takes the
+  `s`-th `batch_size / D` rows of every block, so each device feeds its share of every batch from
+  its own memory (the sums do not depend on order). With one device, batches are consecutive rows.
+  """
+  num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
   steps = -(-num_examples // batch_size)
-  padding = steps * batch_size - num_examples
-  images_SB = jnp.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3).reshape(
-      steps, batch_size, *images_NHWC.shape[1:]
-  )
-  labels_SB = jnp.pad(labels_N, (0, padding)).reshape(steps, batch_size)
-  mask_SB = (jnp.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
+  padding = steps * batch_size - images_NHWC.shape[0]
+  per_shard = batch_size if batch_sharding is None else batch_sharding.shard_shape((batch_size,))[0]
+
+  def batches(x_N):
+    x_N = jnp.pad(x_N, [(0, padding)] + [(0, 0)] * (x_N.ndim - 1))
+    x_DSb = x_N.reshape(batch_size // per_shard, steps, per_shard, *x_N.shape[1:])
+    return jnp.swapaxes(x_DSb, 0, 1).reshape(steps, batch_size, *x_N.shape[1:])
+
+  images_SB, labels_SB = batches(images_NHWC), batches(labels_N)
+  mask_SB = batches(jnp.arange(images_NHWC.shape[0]) < num_examples)
 
   def step(sums, batch):
     images, labels, mask = batch
@@ -221,6 +241,8 @@ def evaluate(
         "label": labels,
         "mask": mask,
     }
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return jax.tree.map(jnp.add, sums, eval_step(state, batch)), None
 
   zeros = {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
@@ -281,32 +303,54 @@ def _to_host(metrics: Metrics) -> dict[str, float]:
 
 
 class _Run:
-  """Compiled epoch and eval functions of one pipeline, with the data they read."""
+  """Compiled epoch and eval functions of one pipeline, with the data they read.
+
+  Batches and resident splits are sharded along the mesh's `data` axis over all devices of all
+  processes, the state as `parallel.state_sharding` says (replicated).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
     self.config = config
-    norm = dict(mean=config.pixel_mean, std=config.pixel_std)
+    self.mesh = mesh = parallel.create_mesh()
+    parallel.check_batch_size("config.batch_size", config.batch_size, mesh)
+    parallel.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh)
+    self.state_sharding = state_sh = parallel.state_sharding(mesh, state)
+    batch_sh, replicated_sh = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=batch_sh)
     if config.input_pipeline == "device":
       train = data.load_split(config.dataset, "train", config.data_dir)
       test = data.load_split(config.dataset, "test", config.data_dir)
-      self.train_arrays = jax.device_put((train.images_NHWC, train.labels_N))
-      self.test_arrays = jax.device_put((test.images_NHWC, test.labels_N))
+      self.train_arrays = parallel.put_examples((train.images_NHWC, train.labels_N), mesh)
+      self.test_arrays = parallel.put_examples(
+          (test.images_NHWC, test.labels_N), mesh, multiple=config.eval_batch_size
+      )
       start = time.perf_counter()
       epoch_rng = _epoch_rng(jax.random.PRNGKey(0), 0)
       self._train_epoch = (
-          jax.jit(train_epoch, donate_argnums=0, static_argnames=("batch_size", "mean", "std"))
-          .lower(state, *self.train_arrays, epoch_rng, batch_size=config.batch_size, **norm)
+          jax.jit(
+              functools.partial(train_epoch, batch_size=config.batch_size,
+                                num_examples=len(train), **norm),
+              donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh, replicated_sh),
+              out_shardings=(state_sh, replicated_sh),
+          )
+          .lower(state, *self.train_arrays, epoch_rng)
           .compile()
       )
       self._evaluate = (
-          jax.jit(evaluate, static_argnames=("batch_size", "mean", "std"))
-          .lower(state, *self.test_arrays, batch_size=config.eval_batch_size, **norm)
+          jax.jit(
+              functools.partial(evaluate, batch_size=config.eval_batch_size,
+                                num_examples=len(test), **norm),
+              in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=replicated_sh,
+          )
+          .lower(state, *self.test_arrays)
           .compile()
       )
       self.compile_time_s = time.perf_counter() - start
     else:
-      self._train_step = jax.jit(train_step, donate_argnums=0)
-      self._eval_step = jax.jit(eval_step)
+      self._train_step = jax.jit(train_step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
+                                 out_shardings=(state_sh, replicated_sh))
+      self._eval_step = jax.jit(eval_step, in_shardings=(state_sh, batch_sh),
+                                out_shardings=replicated_sh)
       self.compile_time_s = 0.0  # Compiled at the first step, inside the first epoch's time.
 
   def train_epoch(self, state: TrainState, epoch_rng: jax.Array) -> tuple[TrainState, Metrics]:
@@ -319,7 +363,7 @@ class _Run:
     )
     num_train = data.num_examples(self.config.dataset, "train", self.config.data_dir)
     on_step = progress.EpochProgress(num_train // self.config.batch_size, self.config.batch_size)
-    return train_epoch_stream(self._train_step, state, batches, on_step)
+    return train_epoch_stream(self._train_step, state, self._sharded(batches), on_step)
 
   def evaluate(self, state: TrainState) -> Metrics:
     if self.config.input_pipeline == "device":
@@ -328,7 +372,10 @@ class _Run:
         self.config.dataset, "test", batch_size=self.config.eval_batch_size,
         mean=self.config.pixel_mean, std=self.config.pixel_std, data_dir=self.config.data_dir,
     )
-    return evaluate_stream(self._eval_step, state, batches)
+    return evaluate_stream(self._eval_step, state, self._sharded(batches))
+
+  def _sharded(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+    return (parallel.put_batch(batch, self.mesh) for batch in batches)
 
 
 def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
@@ -344,6 +391,8 @@ def train_and_evaluate(
   Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
   `workdir`, prints one line per epoch, and returns the final metrics. Checkpoints go to
   `workdir/checkpoints/`; a workdir that has them resumes from the latest (see checkpoints.py).
+  Under `jax.distributed` every process trains, saves its part of each checkpoint and returns
+  the metrics; only the first writes the other files and prints.
   """
   validate_config(config)
   with checkpoints.TrainingCheckpoints(
@@ -355,7 +404,7 @@ def train_and_evaluate(
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, ckpts: checkpoints.TrainingCheckpoints
 ) -> dict[str, Any]:
-  info = data.dataset_info(config.dataset, config.data_dir)
+  info = parallel.main_process_first(data.dataset_info, config.dataset, config.data_dir)
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch == 0:
@@ -364,19 +413,21 @@ def _train_and_evaluate(
     )
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state = create_train_state(config, info, init_rng, steps_per_epoch)
+  run = _Run(config, state)
+  state = jax.device_put(state, run.state_sharding)
   state, history = ckpts.resume(
       state, {"steps_per_epoch": steps_per_epoch, "dataset": dataclasses.asdict(info)}
   )
-  run = _Run(config, state)
   learning_rate = learning_rate_schedule(config, steps_per_epoch)
+  writes = parallel.is_main_process()
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2) + "\n")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  with open(metrics_path, "w") as f:  # After a resume, the epochs up to its checkpoint.
-    f.writelines(json.dumps(record) + "\n" for record in history)
-  writer = summaries.Writer(os.path.join(workdir, "tensorboard"))
+  if writes:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
+    with open(metrics_path, "w") as f:  # After a resume, the epochs up to its checkpoint.
+      f.writelines(json.dumps(record) + "\n" for record in history)
+    writer = summaries.Writer(os.path.join(workdir, "tensorboard"))
 
   record: dict[str, Any] = history[-1] if history else {}
   train_time_s = sum(past["epoch_time_s"] for past in history)
@@ -407,23 +458,26 @@ def _train_and_evaluate(
             learning_rate(state.step - 1) if callable(learning_rate) else learning_rate
         ),
     }
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    print(
-        f"epoch {epoch}/{config.num_epochs}  train_loss {record['train_loss']:.4f}  "
-        f"train_acc {record['train_accuracy']:.4f}  test_loss {record['test_loss']:.4f}  "
-        f"test_acc {record['test_accuracy']:.4f}  {epoch_time_s:.2f}s",
-        flush=True,
-    )
-    writer.write_epoch(record)
+    if writes:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      print(
+          f"epoch {epoch}/{config.num_epochs}  train_loss {record['train_loss']:.4f}  "
+          f"train_acc {record['train_accuracy']:.4f}  test_loss {record['test_loss']:.4f}  "
+          f"test_acc {record['test_accuracy']:.4f}  {epoch_time_s:.2f}s",
+          flush=True,
+      )
+      writer.write_epoch(record)
     history.append(record)
-    ckpts.end_of_epoch(state, history)
+    ckpts.end_of_epoch(state, history)  # Every process saves its part.
 
   final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
+  if not writes:
+    return final
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
     json.dump(final, f, indent=2)
   try:
-    reports.after_training(config, workdir, state, writer)
+    reports.after_training(config, workdir, parallel.local_copy(state), writer)
   except Exception as e:  # A report only looks at the run; the metrics are already saved.
     print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
           f"{workdir}", file=sys.stderr)
