@@ -67,6 +67,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}"
     )
+  if config.num_seeds < 1:
+    raise ConfigError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
+  if config.num_seeds > 1 and config.input_pipeline != "device":
+    raise ConfigError("config.num_seeds > 1 needs input_pipeline='device' (one data order a seed)")
+  if not 0 <= config.validation_fraction < 1:
+    raise ConfigError(
+        f"config.validation_fraction must be in [0, 1), got {config.validation_fraction}")
+  if config.early_stopping_patience < 0:
+    raise ConfigError(
+        f"config.early_stopping_patience must be >= 0, got {config.early_stopping_patience}")
   if config.pixel_std <= 0:
     raise ConfigError(f"config.pixel_std must be positive, got {config.pixel_std}")
 
@@ -298,78 +308,128 @@ def _stream_seed(epoch_rng: jax.Array) -> int:
   return int(jax.random.bits(epoch_rng, dtype=jnp.uint32) >> 1)
 
 
-def _to_host(metrics: Metrics) -> dict[str, float]:
-  return {name: float(value) for name, value in jax.device_get(metrics).items()}
+def seed_axes(state: TrainState) -> TrainState:
+  """`vmap` axes of a state that holds one model per seed: all leaves but the shared step."""
+  return state.replace(step=None, params=0, opt_state=0, dropout_rng=0)
+
+
+def _first_seed(state: TrainState) -> TrainState:
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  return state.replace(params=first(state.params), opt_state=first(state.opt_state),
+                       dropout_rng=state.dropout_rng[0])
+
+
+def seed_rngs(config: ml_collections.ConfigDict) -> jax.Array:
+  """The root key of each seed: model `i` of a run is the model a run with seed `seed + i` trains."""
+  seeds = jnp.arange(config.seed, config.seed + config.num_seeds)
+  return jax.vmap(jax.random.PRNGKey)(seeds) if config.num_seeds > 1 else jax.random.PRNGKey(
+      config.seed)
+
+
+def _record_metrics(prefix: str, metrics: Metrics) -> dict[str, Any]:
+  """`{prefix}_loss` and `{prefix}_accuracy`: with several seeds their mean, std and values."""
+  record = {}
+  for name in ("loss", "accuracy"):
+    values = np.asarray(jax.device_get(metrics[name]))
+    record[f"{prefix}_{name}"] = float(values.mean())
+    if values.ndim:
+      record[f"{prefix}_{name}_std"] = float(values.std())
+      record[f"{prefix}_{name}_per_seed"] = values.tolist()
+  return record
+
+
+def stopped_early(history: list[dict[str, Any]], metric: str, patience: int) -> bool:
+  """Whether `metric` has not improved on its best for the last `patience` epochs (0: never)."""
+  if not patience or len(history) <= patience:
+    return False
+  values = [record[metric] for record in history]
+  return len(values) - 1 - values.index(max(values)) >= patience
 
 
 class _Run:
   """Compiled epoch and eval functions of one pipeline, with the data they read.
 
   Batches and resident splits are sharded along the mesh's `data` axis over all devices of all
-  processes, the state as `parallel.state_sharding` says (replicated).
+  processes, the state as `parallel.state_sharding` says (replicated). With `config.num_seeds`
+  above 1 the state holds one model per seed and every function is `vmap`ped over them, the data
+  shared.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
+  def __init__(self, config: ml_collections.ConfigDict, state: TrainState,
+               splits: dict[str, str]):
     self.config = config
+    self.splits = splits  # "train", "test" and, with a validation fraction, "val": tfds splits.
     self.mesh = mesh = parallel.create_mesh()
     parallel.check_batch_size("config.batch_size", config.batch_size, mesh)
     parallel.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh)
     self.state_sharding = state_sh = parallel.state_sharding(mesh, state)
     batch_sh, replicated_sh = parallel.data_sharding(mesh), parallel.replicated(mesh)
-    norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=batch_sh)
-    if config.input_pipeline == "device":
-      train = data.load_split(config.dataset, "train", config.data_dir)
-      test = data.load_split(config.dataset, "test", config.data_dir)
-      self.train_arrays = parallel.put_examples((train.images_NHWC, train.labels_N), mesh)
-      self.test_arrays = parallel.put_examples(
-          (test.images_NHWC, test.labels_N), mesh, multiple=config.eval_batch_size
-      )
-      start = time.perf_counter()
-      epoch_rng = _epoch_rng(jax.random.PRNGKey(0), 0)
-      self._train_epoch = (
-          jax.jit(
-              functools.partial(train_epoch, batch_size=config.batch_size,
-                                num_examples=len(train), **norm),
-              donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh, replicated_sh),
-              out_shardings=(state_sh, replicated_sh),
-          )
-          .lower(state, *self.train_arrays, epoch_rng)
-          .compile()
-      )
-      self._evaluate = (
-          jax.jit(
-              functools.partial(evaluate, batch_size=config.eval_batch_size,
-                                num_examples=len(test), **norm),
-              in_shardings=(state_sh, batch_sh, batch_sh), out_shardings=replicated_sh,
-          )
-          .lower(state, *self.test_arrays)
-          .compile()
-      )
-      self.compile_time_s = time.perf_counter() - start
-    else:
+    self.compile_time_s = 0.0  # The stream pipeline compiles at its first step, inside epoch 1.
+    if config.input_pipeline == "stream":
       self._train_step = jax.jit(train_step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
                                  out_shardings=(state_sh, replicated_sh))
       self._eval_step = jax.jit(eval_step, in_shardings=(state_sh, batch_sh),
                                 out_shardings=replicated_sh)
-      self.compile_time_s = 0.0  # Compiled at the first step, inside the first epoch's time.
+      return
+
+    norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=batch_sh)
+    vmapped = lambda fn, in_axes, out_axes: (
+        jax.vmap(fn, in_axes, out_axes) if config.num_seeds > 1 else fn)
+    axes = seed_axes(state)
+    self.arrays, self._compiled = {}, {}
+    for name, split in splits.items():
+      examples = data.load_split(config.dataset, split, config.data_dir)
+      is_train = name == "train"
+      self.arrays[name] = parallel.put_examples(
+          (examples.images_NHWC, examples.labels_N), mesh,
+          multiple=None if is_train else config.eval_batch_size,
+      )
+      start = time.perf_counter()
+      if is_train:
+        fn = vmapped(functools.partial(train_epoch, batch_size=config.batch_size,
+                                       num_examples=len(examples), **norm),
+                     (axes, None, None, 0), (axes, 0))
+        jitted = jax.jit(fn, donate_argnums=0,
+                         in_shardings=(state_sh, batch_sh, batch_sh, replicated_sh),
+                         out_shardings=(state_sh, replicated_sh))
+        lowered = jitted.lower(state, *self.arrays[name], self._rngs_like(0))
+      else:
+        fn = vmapped(functools.partial(evaluate, batch_size=config.eval_batch_size,
+                                       num_examples=len(examples), **norm),
+                     (axes, None, None), 0)
+        jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, batch_sh),
+                         out_shardings=replicated_sh)
+        lowered = jitted.lower(state, *self.arrays[name])
+      self._compiled[name] = lowered.compile()
+      self.compile_time_s += time.perf_counter() - start
+
+  def _rngs_like(self, epoch: int) -> jax.Array:
+    return self.epoch_rngs(seed_rngs(self.config), epoch)
+
+  def epoch_rngs(self, data_rngs: jax.Array, epoch: int) -> jax.Array:
+    """Each seed's key for the data order of `epoch`."""
+    if self.config.num_seeds > 1:
+      return jax.vmap(_epoch_rng, (0, None))(data_rngs, epoch)
+    return _epoch_rng(data_rngs, epoch)
 
   def train_epoch(self, state: TrainState, epoch_rng: jax.Array) -> tuple[TrainState, Metrics]:
     if self.config.input_pipeline == "device":
-      return self._train_epoch(state, *self.train_arrays, epoch_rng)
+      return self._compiled["train"](state, *self.arrays["train"], epoch_rng)
     batches = data.stream_batches(
-        self.config.dataset, "train", batch_size=self.config.batch_size,
+        self.config.dataset, self.splits["train"], batch_size=self.config.batch_size,
         mean=self.config.pixel_mean, std=self.config.pixel_std,
         shuffle_seed=_stream_seed(epoch_rng), data_dir=self.config.data_dir,
     )
-    num_train = data.num_examples(self.config.dataset, "train", self.config.data_dir)
+    num_train = data.num_examples(self.config.dataset, self.splits["train"], self.config.data_dir)
     on_step = progress.EpochProgress(num_train // self.config.batch_size, self.config.batch_size)
     return train_epoch_stream(self._train_step, state, self._sharded(batches), on_step)
 
-  def evaluate(self, state: TrainState) -> Metrics:
+  def evaluate(self, state: TrainState, name: str = "test") -> Metrics:
+    """Loss, accuracy and count on the split called `name` ("test" or "val")."""
     if self.config.input_pipeline == "device":
-      return self._evaluate(state, *self.test_arrays)
+      return self._compiled[name](state, *self.arrays[name])
     batches = data.stream_batches(
-        self.config.dataset, "test", batch_size=self.config.eval_batch_size,
+        self.config.dataset, self.splits[name], batch_size=self.config.eval_batch_size,
         mean=self.config.pixel_mean, std=self.config.pixel_std, data_dir=self.config.data_dir,
     )
     return evaluate_stream(self._eval_step, state, self._sharded(batches))
@@ -378,9 +438,16 @@ class _Run:
     return (parallel.put_batch(batch, self.mesh) for batch in batches)
 
 
+def _splits(config: ml_collections.ConfigDict) -> dict[str, str]:
+  num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  train, val = data.holdout_splits(num_train, config.validation_fraction)
+  return {"train": train, "test": "test", **({"val": val} if val else {})}
+
+
 def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
   """Test loss, accuracy and count of `state`, computed as `train_and_evaluate` reports them."""
-  return _to_host(_Run(config, state).evaluate(state))
+  metrics = _Run(config, state, _splits(config)).evaluate(state)
+  return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
 
 def train_and_evaluate(
@@ -388,7 +455,9 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains `config` for `config.num_epochs`, evaluating on the test split after each epoch.
 
-  Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
+  With `config.validation_fraction`, the end of the training split is held out and evaluated
+  too, and `config.early_stopping_patience` epochs without a better validation accuracy stop the
+  run. Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
   `workdir`, prints one line per epoch, and returns the final metrics. Checkpoints go to
   `workdir/checkpoints/`; a workdir that has them resumes from the latest (see checkpoints.py).
   Under `jax.distributed` every process trains, saves its part of each checkpoint and returns
@@ -405,21 +474,29 @@ def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, ckpts: checkpoints.TrainingCheckpoints
 ) -> dict[str, Any]:
   info = parallel.main_process_first(data.dataset_info, config.dataset, config.data_dir)
-  num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  splits = _splits(config)
+  num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(
         f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
     )
-  init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = create_train_state(config, info, init_rng, steps_per_epoch)
-  run = _Run(config, state)
+  rngs = seed_rngs(config)
+  if config.num_seeds > 1:
+    init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
+    state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
+    state = state.replace(step=state.step[0])  # One step count for all, as `seed_axes` says.
+  else:
+    init_rngs, data_rngs = jax.random.split(rngs)
+    state = create_train_state(config, info, init_rngs, steps_per_epoch)
+  run = _Run(config, state, splits)
   state = jax.device_put(state, run.state_sharding)
   state, history = ckpts.resume(
       state, {"steps_per_epoch": steps_per_epoch, "dataset": dataclasses.asdict(info)}
   )
   learning_rate = learning_rate_schedule(config, steps_per_epoch)
   writes = parallel.is_main_process()
+  metric = checkpoints.selection_metric(config)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if writes:
@@ -431,54 +508,69 @@ def _train_and_evaluate(
 
   record: dict[str, Any] = history[-1] if history else {}
   train_time_s = sum(past["epoch_time_s"] for past in history)
-  for epoch in range(record.get("epoch", 0) + 1, config.num_epochs + 1):
+  epoch = record.get("epoch", 0)
+  while epoch < config.num_epochs and not stopped_early(
+      history, metric, config.early_stopping_patience):
+    epoch += 1
     start = time.perf_counter()
-    state, train_metrics = run.train_epoch(state, _epoch_rng(data_rng, epoch))
-    train_metrics = _to_host(train_metrics)
+    state, train_metrics = run.train_epoch(state, run.epoch_rngs(data_rngs, epoch))
+    train_record = _record_metrics("train", train_metrics)
     epoch_time_s = time.perf_counter() - start
     train_time_s += epoch_time_s
-    if not math.isfinite(train_metrics["loss"]):
+    losses = train_record.get("train_loss_per_seed", [train_record["train_loss"]])
+    if not all(math.isfinite(loss) for loss in losses):
       raise TrainingError(
-          f"the training loss became {train_metrics['loss']} in epoch {epoch}; "
+          f"the training loss became {train_record['train_loss']} in epoch {epoch}; "
           f"lower config.learning_rate (now {config.learning_rate})"
       )
-    test_metrics = _to_host(run.evaluate(state))
-    record = {
-        "epoch": epoch,
-        "step": int(state.step),
-        "train_loss": train_metrics["loss"],
-        "train_accuracy": train_metrics["accuracy"],
-        "test_loss": test_metrics["loss"],
-        "test_accuracy": test_metrics["accuracy"],
-        "test_examples": int(test_metrics["count"]),
+    record = {"epoch": epoch, "step": int(state.step), **train_record}
+    for name in [name for name in ("val", "test") if name in run.splits]:
+      metrics = run.evaluate(state, name)
+      record.update(_record_metrics(name, metrics))
+      record[f"{name}_examples"] = int(np.max(jax.device_get(metrics["count"])))
+    record.update({
         "epoch_time_s": epoch_time_s,
-        "examples_per_s": steps_per_epoch * config.batch_size / epoch_time_s,
+        "examples_per_s": config.num_seeds * steps_per_epoch * config.batch_size / epoch_time_s,
         # The rate of the epoch's last step.
         "learning_rate": float(
             learning_rate(state.step - 1) if callable(learning_rate) else learning_rate
         ),
-    }
+    })
+    history.append(record)
     if writes:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
-      print(
-          f"epoch {epoch}/{config.num_epochs}  train_loss {record['train_loss']:.4f}  "
-          f"train_acc {record['train_accuracy']:.4f}  test_loss {record['test_loss']:.4f}  "
-          f"test_acc {record['test_accuracy']:.4f}  {epoch_time_s:.2f}s",
-          flush=True,
-      )
+      print(_epoch_line(record, config), flush=True)
       writer.write_epoch(record)
-    history.append(record)
-    ckpts.end_of_epoch(state, history)  # Every process saves its part.
+    last = stopped_early(history, metric, config.early_stopping_patience)
+    ckpts.end_of_epoch(state, history, last=last)  # Every process saves its part.
 
-  final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
+  final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s,
+           "stopped_early": epoch < config.num_epochs}
   if not writes:
     return final
+  if final["stopped_early"]:
+    print(f"stopped early: {metric} has not improved for {config.early_stopping_patience} epochs",
+          flush=True)
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
     json.dump(final, f, indent=2)
   try:
-    reports.after_training(config, workdir, parallel.local_copy(state), writer)
+    first_model = _first_seed(state) if config.num_seeds > 1 else state
+    reports.after_training(config, workdir, parallel.local_copy(first_model), writer)
   except Exception as e:  # A report only looks at the run; the metrics are already saved.
     print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
           f"{workdir}", file=sys.stderr)
   return final
+
+
+def _epoch_line(record: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+  """`epoch 3/10  train_loss 0.0712  ...  0.31s`; with several seeds, means +- std."""
+  parts = [f"epoch {record['epoch']}/{config.num_epochs}"]
+  for prefix, short in (("train", "train"), ("val", "val"), ("test", "test")):
+    for name, abbreviation in (("loss", "loss"), ("accuracy", "acc")):
+      key = f"{prefix}_{name}"
+      if key in record:
+        spread = f"+-{record[key + '_std']:.4f}" if key + "_std" in record else ""
+        parts.append(f"{short}_{abbreviation} {record[key]:.4f}{spread}")
+  parts.append(f"{record['epoch_time_s']:.2f}s")
+  return "  ".join(parts)
