@@ -7,9 +7,9 @@ written by `ocp.CheckpointManager` (atomically: a half-written step is never lis
   meta     JSON: `epoch`, `steps_per_epoch`, `dataset` (what predict needs) and `history`, the
            metrics record of every epoch so far (metrics.jsonl is rewritten from it on resume)
   config   JSON: the config the state was trained with
-  metrics  orbax's own: `{SELECTION_METRIC: value}`, which picks the best checkpoint
+  metrics  orbax's own: `{"selection": value, <metric name>: value}`, which picks the best
 
-Retention keeps the newest `config.keep_checkpoints` and the best by `SELECTION_METRIC`.
+Retention keeps the newest `config.keep_checkpoints` and the best by `selection_metric(config)`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 # The one name that ranks checkpoints; a validation split, once there is one, changes it here.
-SELECTION_METRIC = "test_accuracy"
+
+
+def selection_metric(config: ml_collections.ConfigDict) -> str:
+  """What ranks checkpoints, early stopping and sweeps: validation accuracy where a validation
+  split is held out (`config.validation_fraction`), else test accuracy."""
+  return "val_accuracy" if config.get("validation_fraction", 0) else "test_accuracy"
 
 # Fields that may differ between a run and its resume because they do not change what is
 # trained. `num_epochs` joins them unless a schedule is stretched over it (see `config_changes`).
@@ -70,7 +76,7 @@ def checkpoint_dir(workdir: str) -> str:
 
 def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
   """orbax's manager for `workdir`; for reading only unless `keep` (the newest to keep)."""
-  best = lambda metrics: metrics[SELECTION_METRIC]
+  best = lambda metrics: metrics["selection"]
   if keep is None:
     # Not orbax's read_only, which logs a warning; this manager never saves, so never deletes.
     options = ocp.CheckpointManagerOptions(create=False, best_fn=best, best_mode="max")
@@ -185,7 +191,7 @@ def restore(
     if not steps:
       raise CheckpointError(f"no checkpoints in {manager.directory}; train with this --workdir first")
     if which == "best":
-      metric = lambda step: (manager.metrics(step) or {}).get(SELECTION_METRIC, -math.inf)
+      metric = lambda step: (manager.metrics(step) or {}).get("selection", -math.inf)
       candidates = sorted(steps, key=lambda step: (metric(step), step), reverse=True)
     elif which == "latest":
       candidates = sorted(steps, reverse=True)
@@ -246,7 +252,8 @@ class TrainingCheckpoints:
     self._manager: ocp.CheckpointManager | None = None
 
   def __enter__(self) -> TrainingCheckpoints:
-    self._stack.enter_context(_workdir_lock(self.workdir))
+    if jax.process_index() == 0:  # The other processes of a multi-host run share the workdir.
+      self._stack.enter_context(_workdir_lock(self.workdir))
     self._manager = self._stack.enter_context(_manager(self.workdir, self.keep))
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGINT, signal.SIGTERM):
@@ -301,13 +308,14 @@ class TrainingCheckpoints:
           f"use the same config, another --workdir, or --allow_config_change to continue anyway"
       )
 
-  def end_of_epoch(self, state: Any, history: list[dict[str, Any]]) -> None:
+  def end_of_epoch(self, state: Any, history: list[dict[str, Any]], *, last: bool = False) -> None:
     """Saves after the epoch of `history[-1]` when due; after a signal, saves and raises `Stopped`.
 
-    The last epoch always saves; a signal during it lets the run end normally.
+    The last epoch (`config.num_epochs`, or `last` when training stops early) always saves; a
+    signal during it lets the run end normally.
     """
     epoch = history[-1]["epoch"]
-    last = epoch == self.config.num_epochs
+    last = last or epoch == self.config.num_epochs
     if last or epoch % self.every == 0 or self._stop_signal is not None:
       self._save(state, history)
     if self._stop_signal is not None and not last:
@@ -318,6 +326,7 @@ class TrainingCheckpoints:
       )
 
   def _save(self, state: Any, history: list[dict[str, Any]]) -> None:
+    metric = selection_metric(self.config)
     meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history}
     self._manager.save(
         int(state.step),
@@ -326,5 +335,5 @@ class TrainingCheckpoints:
             meta=ocp.args.JsonSave(meta),
             config=ocp.args.JsonSave(config_to_dict(self.config)),
         ),
-        metrics={SELECTION_METRIC: history[-1][SELECTION_METRIC]},
+        metrics={"selection": history[-1][metric], metric: history[-1][metric]},
     )

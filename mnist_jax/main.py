@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import checkpoints, data, explore, predict, reports, sweep, train
+from mnist_jax import checkpoints, data, explore, parallel, predict, reports, sweep, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -46,10 +46,19 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "eval/predict: 'best' (by test accuracy), 'latest', or a step number."
 )
 _IMAGES = flags.DEFINE_list("images", [], "predict: comma-separated image files.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join the other processes through jax.distributed.initialize; on Cloud "
+    "TPU, SLURM and Open MPI it finds them itself, elsewhere give the three flags below.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, the same for every process (--multihost)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes (--multihost).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 first (--multihost).")
 
 _EXPECTED_ERRORS = (
     data.DataError, train.ConfigError, train.TrainingError, checkpoints.CheckpointError,
-    predict.ImageError, reports.ReportError, sweep.SweepError,
+    predict.ImageError, reports.ReportError, parallel.ParallelError, sweep.SweepError,
 )
 
 
@@ -137,7 +146,12 @@ def main(argv: list[str]) -> None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
+  cluster = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID)
+  if not _MULTIHOST.value and any(flag.present for flag in cluster):
+    sys.exit(f"mnist_jax: --{next(f for f in cluster if f.present).name} needs --multihost")
   try:
+    if _MULTIHOST.value:
+      parallel.initialize_distributed(*(flag.value for flag in cluster))
     if _MODE.value in ("train", "sweep"):
       _train()
     elif _MODE.value == "eval":

@@ -8,10 +8,12 @@ An experiment file that defines `get_sweep(arg=None)` can be swept:
 `get_config(arg)` (after any `--config.*` flags). Overrides that differ only in `seed` are the
 seeds of one point. Each seed of a point trains with `train.train_and_evaluate` into
 `<workdir>/<point>/seed_<seed>/`, where `<point>` is made from the overrides, e.g.
-`learning_rate=0.001,batch_size=32`. A seed whose `final_metrics.json` exists with the same
-config is not trained again; any other resumes from its checkpoints. After each point,
+`learning_rate=0.001,batch_size=32`. A seed whose `final_metrics.json` is newer than its
+`config.json`, itself the same config, is not trained again; any other resumes from its
+checkpoints. After each point,
 `<workdir>/sweep_summary.md` and `sweep_summary.csv` rank the finished points by
-`selection_metric(config)`, mean and standard deviation over seeds.
+`checkpoints.selection_metric(config)`, mean and standard deviation over seeds. With
+`config.num_seeds` > 1 each run trains several seeds at once and every one of them counts.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-from mnist_jax import train
+from mnist_jax import checkpoints, parallel, train
 
 Overrides = dict[str, Any]
 
@@ -118,11 +120,6 @@ def point_config(
   return result
 
 
-def selection_metric(config: ml_collections.ConfigDict) -> str:
-  """Validation accuracy where a validation split is held out, else test accuracy."""
-  return "val_accuracy" if config.get("validation_fraction", 0) > 0 else "test_accuracy"
-
-
 def _is_finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
   """Whether `run_dir` holds a run of `config` whose final metrics came after its config.
 
@@ -140,14 +137,24 @@ def _is_finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
 
 
 def seed_results(point_dir: str, seeds: Sequence[int]) -> list[dict[str, Any]] | None:
-  """Each seed's `final_metrics.json`, or None while any seed is unfinished."""
+  """The final metrics of every model of a point, or None while any of its runs is unfinished.
+
+  A run with `config.num_seeds` > 1 trained several models in one program: its
+  `final_metrics.json` holds `<name>_per_seed` lists, one value per model; the run's own numbers
+  (`train_time_s`) go with each of its models.
+  """
   results = []
   for seed in seeds:
     try:
       with open(os.path.join(point_dir, f"seed_{seed}", "final_metrics.json")) as f:
-        results.append(json.load(f))
+        final = json.load(f)
     except FileNotFoundError:
       return None
+    per_seed = {key[:-len("_per_seed")]: values for key, values in final.items()
+                if key.endswith("_per_seed")}
+    num_models = len(next(iter(per_seed.values()), [None]))
+    results += [{**final, **{name: values[i] for name, values in per_seed.items()}}
+                for i in range(num_models)]
   return results
 
 
@@ -171,7 +178,7 @@ def summary_rows(workdir: str, points: Sequence[Point], metric: str) -> list[dic
   for point in points:
     results = seed_results(os.path.join(workdir, point.name), point.seeds)
     if results is not None:
-      rows.append({"point": point.name, **point.overrides, "seeds": len(point.seeds),
+      rows.append({"point": point.name, **point.overrides, "seeds": len(results),
                    **aggregate(results, _metric_names(metric))})
   return sorted(rows, key=lambda row: (-row[f"{metric}_mean"], row["point"]))
 
@@ -198,7 +205,7 @@ def write_summary(
       f"# Sweep: {title}",
       "",
       f"{len(rows)} of {len(points)} points finished. Ranked by `{metric}` (%) of the last "
-      "epoch, mean ± sample standard deviation over the seeds; train time in seconds per seed.",
+      "epoch, mean ± sample standard deviation over the seeds; train time in seconds per run.",
   ]
   if metric == "test_accuracy":
     lines.append("No validation split (`config.validation_fraction` is 0): the ranking reads the "
@@ -234,7 +241,7 @@ def run_sweep(
       (point.name, seed): point_config(config, {**point.overrides, "seed": seed})
       for point in points for seed in point.seeds
   }
-  metric = selection_metric(config)
+  metric = checkpoints.selection_metric(config)
   os.makedirs(workdir, exist_ok=True)
   for number, point in enumerate(points, 1):
     for seed in point.seeds:
@@ -249,7 +256,8 @@ def run_sweep(
           configs[point.name, seed], run_dir, allow_config_change=allow_config_change
       )
     rows = summary_rows(workdir, points, metric)
-    write_summary(workdir, points, rows, metric, title or workdir)
+    if parallel.is_main_process():  # Which alone writes the runs' final metrics.
+      write_summary(workdir, points, rows, metric, title or workdir)
   print(f"sweep: {len(points)} points; summary in {os.path.join(workdir, 'sweep_summary.md')}",
         flush=True)
   return rows

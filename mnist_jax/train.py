@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoints, data, models, progress, reports, summaries
+from mnist_jax import checkpoints, data, models, parallel, progress, reports, summaries
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -66,6 +67,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}"
     )
+  if config.num_seeds < 1:
+    raise ConfigError(f"config.num_seeds must be >= 1, got {config.num_seeds}")
+  if config.num_seeds > 1 and config.input_pipeline != "device":
+    raise ConfigError("config.num_seeds > 1 needs input_pipeline='device' (one data order a seed)")
+  if not 0 <= config.validation_fraction < 1:
+    raise ConfigError(
+        f"config.validation_fraction must be in [0, 1), got {config.validation_fraction}")
+  if config.early_stopping_patience < 0:
+    raise ConfigError(
+        f"config.early_stopping_patience must be >= 0, got {config.early_stopping_patience}")
   if config.pixel_std <= 0:
     raise ConfigError(f"config.pixel_std must be positive, got {config.pixel_std}")
 
@@ -174,14 +185,19 @@ def train_epoch(
     batch_size: int,
     mean: float,
     std: float,
+    num_examples: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One epoch over device-resident uint8 images, shuffled by `epoch_rng`, as a `lax.scan`.
 
   The last `N % batch_size` examples of each permutation are left out, so every step has the
-  same shape; a new permutation each epoch means every example is seen.
+  same shape; a new permutation each epoch means every example is seen. Rows past `num_examples`
+  (padding that makes the arrays divide among devices) are never drawn. With `batch_sharding`,
+  each gathered batch is laid out that way (split along the mesh's `data` axis).
   """
-  steps = images_NHWC.shape[0] // batch_size
-  order_SB = jax.random.permutation(epoch_rng, images_NHWC.shape[0])[: steps * batch_size]
+  num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
+  steps = num_examples // batch_size
+  order_SB = jax.random.permutation(epoch_rng, num_examples)[: steps * batch_size]
   order_SB = order_SB.reshape(steps, batch_size)
 
   def step(state, indices_B):
@@ -189,6 +205,8 @@ def train_epoch(
         "image": data.normalize(images_NHWC[indices_B].astype(jnp.float32), mean, std),
         "label": labels_N[indices_B],
     }
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(state, batch)
 
   state, metrics_S = jax.lax.scan(step, state, order_SB)
@@ -203,16 +221,28 @@ def evaluate(
     batch_size: int,
     mean: float,
     std: float,
+    num_examples: int | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Metrics:
-  """Loss and accuracy over every example, the last batch padded and masked, as a `lax.scan`."""
-  num_examples = images_NHWC.shape[0]
+  """Loss and accuracy over every example, padded to whole batches and masked, as a `lax.scan`.
+
+  Rows past `num_examples` are padding and count for nothing; `batch_sharding` as in `train_epoch`.
+  With the rows split into `D` contiguous blocks, one per device along `data`, batch `s` takes the
+  `s`-th `batch_size / D` rows of every block, so each device feeds its share of every batch from
+  its own memory (the sums do not depend on order). With one device, batches are consecutive rows.
+  """
+  num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
   steps = -(-num_examples // batch_size)
-  padding = steps * batch_size - num_examples
-  images_SB = jnp.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3).reshape(
-      steps, batch_size, *images_NHWC.shape[1:]
-  )
-  labels_SB = jnp.pad(labels_N, (0, padding)).reshape(steps, batch_size)
-  mask_SB = (jnp.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
+  padding = steps * batch_size - images_NHWC.shape[0]
+  per_shard = batch_size if batch_sharding is None else batch_sharding.shard_shape((batch_size,))[0]
+
+  def batches(x_N):
+    x_N = jnp.pad(x_N, [(0, padding)] + [(0, 0)] * (x_N.ndim - 1))
+    x_DSb = x_N.reshape(batch_size // per_shard, steps, per_shard, *x_N.shape[1:])
+    return jnp.swapaxes(x_DSb, 0, 1).reshape(steps, batch_size, *x_N.shape[1:])
+
+  images_SB, labels_SB = batches(images_NHWC), batches(labels_N)
+  mask_SB = batches(jnp.arange(images_NHWC.shape[0]) < num_examples)
 
   def step(sums, batch):
     images, labels, mask = batch
@@ -221,6 +251,8 @@ def evaluate(
         "label": labels,
         "mask": mask,
     }
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return jax.tree.map(jnp.add, sums, eval_step(state, batch)), None
 
   zeros = {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
@@ -276,64 +308,146 @@ def _stream_seed(epoch_rng: jax.Array) -> int:
   return int(jax.random.bits(epoch_rng, dtype=jnp.uint32) >> 1)
 
 
-def _to_host(metrics: Metrics) -> dict[str, float]:
-  return {name: float(value) for name, value in jax.device_get(metrics).items()}
+def seed_axes(state: TrainState) -> TrainState:
+  """`vmap` axes of a state that holds one model per seed: all leaves but the shared step."""
+  return state.replace(step=None, params=0, opt_state=0, dropout_rng=0)
+
+
+def _first_seed(state: TrainState) -> TrainState:
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  return state.replace(params=first(state.params), opt_state=first(state.opt_state),
+                       dropout_rng=state.dropout_rng[0])
+
+
+def seed_rngs(config: ml_collections.ConfigDict) -> jax.Array:
+  """The root key of each seed: model `i` of a run is the model a run with seed `seed + i` trains."""
+  seeds = jnp.arange(config.seed, config.seed + config.num_seeds)
+  return jax.vmap(jax.random.PRNGKey)(seeds) if config.num_seeds > 1 else jax.random.PRNGKey(
+      config.seed)
+
+
+def _record_metrics(prefix: str, metrics: Metrics) -> dict[str, Any]:
+  """`{prefix}_loss` and `{prefix}_accuracy`: with several seeds their mean, std and values."""
+  record = {}
+  for name in ("loss", "accuracy"):
+    values = np.asarray(jax.device_get(metrics[name]))
+    record[f"{prefix}_{name}"] = float(values.mean())
+    if values.ndim:
+      record[f"{prefix}_{name}_std"] = float(values.std())
+      record[f"{prefix}_{name}_per_seed"] = values.tolist()
+  return record
+
+
+def stopped_early(history: list[dict[str, Any]], metric: str, patience: int) -> bool:
+  """Whether `metric` has not improved on its best for the last `patience` epochs (0: never)."""
+  if not patience or len(history) <= patience:
+    return False
+  values = [record[metric] for record in history]
+  return len(values) - 1 - values.index(max(values)) >= patience
 
 
 class _Run:
-  """Compiled epoch and eval functions of one pipeline, with the data they read."""
+  """Compiled epoch and eval functions of one pipeline, with the data they read.
 
-  def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
+  Batches and resident splits are sharded along the mesh's `data` axis over all devices of all
+  processes, the state as `parallel.state_sharding` says (replicated). With `config.num_seeds`
+  above 1 the state holds one model per seed and every function is `vmap`ped over them, the data
+  shared.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, state: TrainState,
+               splits: dict[str, str]):
     self.config = config
-    norm = dict(mean=config.pixel_mean, std=config.pixel_std)
-    if config.input_pipeline == "device":
-      train = data.load_split(config.dataset, "train", config.data_dir)
-      test = data.load_split(config.dataset, "test", config.data_dir)
-      self.train_arrays = jax.device_put((train.images_NHWC, train.labels_N))
-      self.test_arrays = jax.device_put((test.images_NHWC, test.labels_N))
+    self.splits = splits  # "train", "test" and, with a validation fraction, "val": tfds splits.
+    self.mesh = mesh = parallel.create_mesh()
+    parallel.check_batch_size("config.batch_size", config.batch_size, mesh)
+    parallel.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh)
+    self.state_sharding = state_sh = parallel.state_sharding(mesh, state)
+    batch_sh, replicated_sh = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    self.compile_time_s = 0.0  # The stream pipeline compiles at its first step, inside epoch 1.
+    if config.input_pipeline == "stream":
+      self._train_step = jax.jit(train_step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
+                                 out_shardings=(state_sh, replicated_sh))
+      self._eval_step = jax.jit(eval_step, in_shardings=(state_sh, batch_sh),
+                                out_shardings=replicated_sh)
+      return
+
+    norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=batch_sh)
+    vmapped = lambda fn, in_axes, out_axes: (
+        jax.vmap(fn, in_axes, out_axes) if config.num_seeds > 1 else fn)
+    axes = seed_axes(state)
+    self.arrays, self._compiled = {}, {}
+    for name, split in splits.items():
+      examples = data.load_split(config.dataset, split, config.data_dir)
+      is_train = name == "train"
+      self.arrays[name] = parallel.put_examples(
+          (examples.images_NHWC, examples.labels_N), mesh,
+          multiple=None if is_train else config.eval_batch_size,
+      )
       start = time.perf_counter()
-      epoch_rng = _epoch_rng(jax.random.PRNGKey(0), 0)
-      self._train_epoch = (
-          jax.jit(train_epoch, donate_argnums=0, static_argnames=("batch_size", "mean", "std"))
-          .lower(state, *self.train_arrays, epoch_rng, batch_size=config.batch_size, **norm)
-          .compile()
-      )
-      self._evaluate = (
-          jax.jit(evaluate, static_argnames=("batch_size", "mean", "std"))
-          .lower(state, *self.test_arrays, batch_size=config.eval_batch_size, **norm)
-          .compile()
-      )
-      self.compile_time_s = time.perf_counter() - start
-    else:
-      self._train_step = jax.jit(train_step, donate_argnums=0)
-      self._eval_step = jax.jit(eval_step)
-      self.compile_time_s = 0.0  # Compiled at the first step, inside the first epoch's time.
+      if is_train:
+        fn = vmapped(functools.partial(train_epoch, batch_size=config.batch_size,
+                                       num_examples=len(examples), **norm),
+                     (axes, None, None, 0), (axes, 0))
+        jitted = jax.jit(fn, donate_argnums=0,
+                         in_shardings=(state_sh, batch_sh, batch_sh, replicated_sh),
+                         out_shardings=(state_sh, replicated_sh))
+        lowered = jitted.lower(state, *self.arrays[name], self._rngs_like(0))
+      else:
+        fn = vmapped(functools.partial(evaluate, batch_size=config.eval_batch_size,
+                                       num_examples=len(examples), **norm),
+                     (axes, None, None), 0)
+        jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, batch_sh),
+                         out_shardings=replicated_sh)
+        lowered = jitted.lower(state, *self.arrays[name])
+      self._compiled[name] = lowered.compile()
+      self.compile_time_s += time.perf_counter() - start
+
+  def _rngs_like(self, epoch: int) -> jax.Array:
+    return self.epoch_rngs(seed_rngs(self.config), epoch)
+
+  def epoch_rngs(self, data_rngs: jax.Array, epoch: int) -> jax.Array:
+    """Each seed's key for the data order of `epoch`."""
+    if self.config.num_seeds > 1:
+      return jax.vmap(_epoch_rng, (0, None))(data_rngs, epoch)
+    return _epoch_rng(data_rngs, epoch)
 
   def train_epoch(self, state: TrainState, epoch_rng: jax.Array) -> tuple[TrainState, Metrics]:
     if self.config.input_pipeline == "device":
-      return self._train_epoch(state, *self.train_arrays, epoch_rng)
+      return self._compiled["train"](state, *self.arrays["train"], epoch_rng)
     batches = data.stream_batches(
-        self.config.dataset, "train", batch_size=self.config.batch_size,
+        self.config.dataset, self.splits["train"], batch_size=self.config.batch_size,
         mean=self.config.pixel_mean, std=self.config.pixel_std,
         shuffle_seed=_stream_seed(epoch_rng), data_dir=self.config.data_dir,
     )
-    num_train = data.num_examples(self.config.dataset, "train", self.config.data_dir)
+    num_train = data.num_examples(self.config.dataset, self.splits["train"], self.config.data_dir)
     on_step = progress.EpochProgress(num_train // self.config.batch_size, self.config.batch_size)
-    return train_epoch_stream(self._train_step, state, batches, on_step)
+    return train_epoch_stream(self._train_step, state, self._sharded(batches), on_step)
 
-  def evaluate(self, state: TrainState) -> Metrics:
+  def evaluate(self, state: TrainState, name: str = "test") -> Metrics:
+    """Loss, accuracy and count on the split called `name` ("test" or "val")."""
     if self.config.input_pipeline == "device":
-      return self._evaluate(state, *self.test_arrays)
+      return self._compiled[name](state, *self.arrays[name])
     batches = data.stream_batches(
-        self.config.dataset, "test", batch_size=self.config.eval_batch_size,
+        self.config.dataset, self.splits[name], batch_size=self.config.eval_batch_size,
         mean=self.config.pixel_mean, std=self.config.pixel_std, data_dir=self.config.data_dir,
     )
-    return evaluate_stream(self._eval_step, state, batches)
+    return evaluate_stream(self._eval_step, state, self._sharded(batches))
+
+  def _sharded(self, batches: Iterable[Batch]) -> Iterable[Batch]:
+    return (parallel.put_batch(batch, self.mesh) for batch in batches)
+
+
+def _splits(config: ml_collections.ConfigDict) -> dict[str, str]:
+  num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  train, val = data.holdout_splits(num_train, config.validation_fraction)
+  return {"train": train, "test": "test", **({"val": val} if val else {})}
 
 
 def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
   """Test loss, accuracy and count of `state`, computed as `train_and_evaluate` reports them."""
-  return _to_host(_Run(config, state).evaluate(state))
+  metrics = _Run(config, state, _splits(config)).evaluate(state)
+  return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
 
 def train_and_evaluate(
@@ -341,9 +455,13 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains `config` for `config.num_epochs`, evaluating on the test split after each epoch.
 
-  Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
+  With `config.validation_fraction`, the end of the training split is held out and evaluated
+  too, and `config.early_stopping_patience` epochs without a better validation accuracy stop the
+  run. Writes `config.json`, `metrics.jsonl` (one object per epoch) and `final_metrics.json` to
   `workdir`, prints one line per epoch, and returns the final metrics. Checkpoints go to
   `workdir/checkpoints/`; a workdir that has them resumes from the latest (see checkpoints.py).
+  Under `jax.distributed` every process trains, saves its part of each checkpoint and returns
+  the metrics; only the first writes the other files and prints.
   """
   validate_config(config)
   with checkpoints.TrainingCheckpoints(
@@ -355,76 +473,104 @@ def train_and_evaluate(
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, ckpts: checkpoints.TrainingCheckpoints
 ) -> dict[str, Any]:
-  info = data.dataset_info(config.dataset, config.data_dir)
-  num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  info = parallel.main_process_first(data.dataset_info, config.dataset, config.data_dir)
+  splits = _splits(config)
+  num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(
         f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
     )
-  init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = create_train_state(config, info, init_rng, steps_per_epoch)
+  rngs = seed_rngs(config)
+  if config.num_seeds > 1:
+    init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
+    state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
+    state = state.replace(step=state.step[0])  # One step count for all, as `seed_axes` says.
+  else:
+    init_rngs, data_rngs = jax.random.split(rngs)
+    state = create_train_state(config, info, init_rngs, steps_per_epoch)
+  run = _Run(config, state, splits)
+  state = jax.device_put(state, run.state_sharding)
   state, history = ckpts.resume(
       state, {"steps_per_epoch": steps_per_epoch, "dataset": dataclasses.asdict(info)}
   )
-  run = _Run(config, state)
   learning_rate = learning_rate_schedule(config, steps_per_epoch)
+  writes = parallel.is_main_process()
+  metric = checkpoints.selection_metric(config)
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2) + "\n")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  with open(metrics_path, "w") as f:  # After a resume, the epochs up to its checkpoint.
-    f.writelines(json.dumps(record) + "\n" for record in history)
-  writer = summaries.Writer(os.path.join(workdir, "tensorboard"))
+  if writes:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
+    with open(metrics_path, "w") as f:  # After a resume, the epochs up to its checkpoint.
+      f.writelines(json.dumps(record) + "\n" for record in history)
+    writer = summaries.Writer(os.path.join(workdir, "tensorboard"))
 
   record: dict[str, Any] = history[-1] if history else {}
   train_time_s = sum(past["epoch_time_s"] for past in history)
-  for epoch in range(record.get("epoch", 0) + 1, config.num_epochs + 1):
+  epoch = record.get("epoch", 0)
+  while epoch < config.num_epochs and not stopped_early(
+      history, metric, config.early_stopping_patience):
+    epoch += 1
     start = time.perf_counter()
-    state, train_metrics = run.train_epoch(state, _epoch_rng(data_rng, epoch))
-    train_metrics = _to_host(train_metrics)
+    state, train_metrics = run.train_epoch(state, run.epoch_rngs(data_rngs, epoch))
+    train_record = _record_metrics("train", train_metrics)
     epoch_time_s = time.perf_counter() - start
     train_time_s += epoch_time_s
-    if not math.isfinite(train_metrics["loss"]):
+    losses = train_record.get("train_loss_per_seed", [train_record["train_loss"]])
+    if not all(math.isfinite(loss) for loss in losses):
       raise TrainingError(
-          f"the training loss became {train_metrics['loss']} in epoch {epoch}; "
+          f"the training loss became {train_record['train_loss']} in epoch {epoch}; "
           f"lower config.learning_rate (now {config.learning_rate})"
       )
-    test_metrics = _to_host(run.evaluate(state))
-    record = {
-        "epoch": epoch,
-        "step": int(state.step),
-        "train_loss": train_metrics["loss"],
-        "train_accuracy": train_metrics["accuracy"],
-        "test_loss": test_metrics["loss"],
-        "test_accuracy": test_metrics["accuracy"],
-        "test_examples": int(test_metrics["count"]),
+    record = {"epoch": epoch, "step": int(state.step), **train_record}
+    for name in [name for name in ("val", "test") if name in run.splits]:
+      metrics = run.evaluate(state, name)
+      record.update(_record_metrics(name, metrics))
+      record[f"{name}_examples"] = int(np.max(jax.device_get(metrics["count"])))
+    record.update({
         "epoch_time_s": epoch_time_s,
-        "examples_per_s": steps_per_epoch * config.batch_size / epoch_time_s,
+        "examples_per_s": config.num_seeds * steps_per_epoch * config.batch_size / epoch_time_s,
         # The rate of the epoch's last step.
         "learning_rate": float(
             learning_rate(state.step - 1) if callable(learning_rate) else learning_rate
         ),
-    }
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    print(
-        f"epoch {epoch}/{config.num_epochs}  train_loss {record['train_loss']:.4f}  "
-        f"train_acc {record['train_accuracy']:.4f}  test_loss {record['test_loss']:.4f}  "
-        f"test_acc {record['test_accuracy']:.4f}  {epoch_time_s:.2f}s",
-        flush=True,
-    )
-    writer.write_epoch(record)
+    })
     history.append(record)
-    ckpts.end_of_epoch(state, history)
+    if writes:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      print(_epoch_line(record, config), flush=True)
+      writer.write_epoch(record)
+    last = stopped_early(history, metric, config.early_stopping_patience)
+    ckpts.end_of_epoch(state, history, last=last)  # Every process saves its part.
 
-  final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s}
+  final = {**record, "train_time_s": train_time_s, "compile_time_s": run.compile_time_s,
+           "stopped_early": epoch < config.num_epochs}
+  if not writes:
+    return final
+  if final["stopped_early"]:
+    print(f"stopped early: {metric} has not improved for {config.early_stopping_patience} epochs",
+          flush=True)
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
     json.dump(final, f, indent=2)
   try:
-    reports.after_training(config, workdir, state, writer)
+    first_model = _first_seed(state) if config.num_seeds > 1 else state
+    reports.after_training(config, workdir, parallel.local_copy(first_model), writer)
   except Exception as e:  # A report only looks at the run; the metrics are already saved.
     print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
           f"{workdir}", file=sys.stderr)
   return final
+
+
+def _epoch_line(record: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+  """`epoch 3/10  train_loss 0.0712  ...  0.31s`; with several seeds, means +- std."""
+  parts = [f"epoch {record['epoch']}/{config.num_epochs}"]
+  for prefix, short in (("train", "train"), ("val", "val"), ("test", "test")):
+    for name, abbreviation in (("loss", "loss"), ("accuracy", "acc")):
+      key = f"{prefix}_{name}"
+      if key in record:
+        spread = f"+-{record[key + '_std']:.4f}" if key + "_std" in record else ""
+        parts.append(f"{short}_{abbreviation} {record[key]:.4f}{spread}")
+  parts.append(f"{record['epoch_time_s']:.2f}s")
+  return "  ".join(parts)

@@ -89,11 +89,23 @@ def test_points_group_seeds_and_get_safe_distinct_names():
     sweep.group_points([{"dataset": "a b"}, {"dataset": "a/b"}], default_seed=0)
 
 
-def test_selection_metric_is_validation_accuracy_when_a_split_is_held_out():
-  config = load_config("seed_mlp")
-  assert sweep.selection_metric(config) == "test_accuracy"
-  config.validation_fraction = 0.1
-  assert sweep.selection_metric(config) == "val_accuracy"
+def test_vmapped_seeds_count_one_by_one_and_validation_accuracy_ranks(tmp_path, fast_runs):
+  del fast_runs
+  config = load_config("lr_batch_sweep", "smoke")
+  config.num_seeds, config.validation_fraction = 2, 0.1
+  rows = sweep.run_sweep(config, str(tmp_path), [{"learning_rate": lr} for lr in (1e-3, 3e-3)])
+
+  assert [row["seeds"] for row in rows] == [2, 2]
+  assert rows[0]["val_accuracy_mean"] >= rows[1]["val_accuracy_mean"]
+  for row in rows:
+    final = json.loads((tmp_path / row["point"] / "seed_0" / "final_metrics.json").read_text())
+    values = final["val_accuracy_per_seed"]
+    assert len(values) == 2 and values[0] != values[1]
+    assert row["val_accuracy_mean"] == pytest.approx(sum(values) / 2)
+    assert row["val_accuracy_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+  header = _csv_rows(tmp_path)[0].keys()
+  assert list(header)[3:5] == ["val_accuracy_mean", "val_accuracy_std"]
+  assert "reads the test set" not in (tmp_path / "sweep_summary.md").read_text()
 
 
 _BAD_SWEEP = """

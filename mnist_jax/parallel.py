@@ -1,0 +1,152 @@
+"""Where arrays live: a device mesh with a `data` axis, shardings for data and state, and hosts.
+
+Every run, on one CPU or on a multi-host slice, builds the same `jax.sharding.Mesh` of shape
+`(data, model)` over all devices of all processes. Batches and the device-resident splits are
+sharded along `data`; the train state is replicated. The `model` axis has size 1 for now: sharding
+params along it changes `state_sharding` and nothing else.
+
+Under `jax.distributed` every process runs the same program on the same global arrays. Each process
+places only its own devices' rows of every array (`jax.make_array_from_process_local_data`), and
+all draw the same epoch permutations from the same keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+
+class ParallelError(Exception):
+  """The devices or processes cannot run this config, with a message that says what to change."""
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+  """Joins this process to the others through `jax.distributed.initialize`.
+
+  Arguments left as None are detected by JAX where it knows the cluster (Cloud TPU, SLURM, Open
+  MPI). CPU processes exchange collectives through gloo. Must run before any other JAX call.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+  except (ValueError, TypeError, RuntimeError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = ""
+    if None in (coordinator_address, num_processes, process_id):
+      hint = "; outside Cloud TPU, SLURM and Open MPI give the coordinator address, the number "
+      hint += "of processes and this process's id"
+    raise ParallelError(f"jax.distributed.initialize failed ({first_line}){hint}") from e
+
+
+def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """All devices (of every process) on a `(data, model)` mesh, `model` of size 1."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh(
+      (len(devices), 1),
+      (DATA_AXIS, MODEL_AXIS),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+      devices=devices,
+  )
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (example) dimension split along `data`, the rest whole on each device."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def state_sharding(mesh: Mesh, state: Any) -> Any:
+  """Shardings for every leaf of the train state: all replicated (pure data parallelism)."""
+  return jax.tree.map(lambda _: replicated(mesh), state)
+
+
+def data_shards(mesh: Mesh) -> int:
+  """Into how many parts a batch is split."""
+  return mesh.shape[DATA_AXIS]
+
+
+def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:
+  """Refuses a global batch that does not split evenly along the `data` axis."""
+  shards = data_shards(mesh)
+  if batch_size % shards == 0:
+    return
+  lower = batch_size // shards * shards
+  upper = lower + shards
+  suggestions = " or ".join(str(size) for size in (lower, upper) if size > 0)
+  raise ParallelError(
+      f"{name} {batch_size} does not divide among the {shards} devices; use a multiple of "
+      f"{shards}, such as {suggestions}"
+  )
+
+
+def put_examples(arrays: Any, mesh: Mesh, multiple: int | None = None) -> Any:
+  """Host arrays (the same on every process) -> global arrays sharded along `data`.
+
+  Each array is padded with zeros to a multiple of `multiple` rows (default: the number of `data`
+  shards; else a multiple of it, such as the batch size); each process transfers only the rows of
+  its own devices.
+  """
+  sharding = data_sharding(mesh)
+  multiple = multiple or data_shards(mesh)
+  assert multiple % data_shards(mesh) == 0, (multiple, mesh)
+
+  def put(array: np.ndarray) -> jax.Array:
+    padding = -array.shape[0] % multiple
+    if padding:
+      array = np.pad(array, [(0, padding)] + [(0, 0)] * (array.ndim - 1))
+    return jax.make_array_from_process_local_data(sharding, array, array.shape)
+
+  return jax.tree.map(put, arrays)
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+  """A global host batch (the same on every process) -> arrays sharded along `data`."""
+  sharding = data_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x, x.shape), batch
+  )
+
+
+def is_main_process() -> bool:
+  """Whether this process writes files and prints: the first, or the only one."""
+  return jax.process_index() == 0
+
+
+def main_process_first(fn: Callable[..., Any], *args: Any) -> Any:
+  """`fn(*args)` on the first process, then on all others.
+
+  For work that two processes must not do at once, such as preparing a dataset in a directory
+  that all hosts share.
+  """
+  if jax.process_count() == 1:
+    return fn(*args)
+  result = fn(*args) if is_main_process() else None
+  multihost_utils.sync_global_devices(f"mnist_jax {fn.__name__}")
+  return result if is_main_process() else fn(*args)
+
+
+def local_copy(tree: Any) -> Any:
+  """A replicated pytree as arrays on this process's first device, for host-side work."""
+  return jax.tree.map(
+      lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree
+  )

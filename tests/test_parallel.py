@@ -1,0 +1,197 @@
+"""Data parallel training: 8 CPU devices and 2 processes on localhost against one device."""
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config, run_main
+from mnist_jax import data, parallel, train
+from parallel_worker import local_params, train_keeping_state
+
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
+
+
+def _smoke_flags(workdir, num_epochs):
+  return ["--config=experiments/seed_mlp.py:smoke", f"--config.num_epochs={num_epochs}",
+          f"--workdir={workdir}"]
+
+
+def _one_device_params(tmp_path, num_epochs):
+  """The smoke config trained here, in this single-device process."""
+  config = load_config("seed_mlp", "smoke")
+  config.num_epochs = num_epochs
+  _, state = train_keeping_state(train.train_and_evaluate, config, str(tmp_path / "one_device"))
+  (params,) = _by_device(local_params(state)).values()
+  return params
+
+
+def _by_device(arrays):
+  """`device<id>/<path>` -> {device id: {path: array}}."""
+  devices = {}
+  for key, array in arrays.items():
+    device, path = key.split("/", 1)
+    devices.setdefault(device, {})[path] = array
+  return devices
+
+
+def _assert_close(params, reference):
+  assert params.keys() == reference.keys()
+  for path, array in params.items():
+    np.testing.assert_allclose(array, reference[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def _worker(params_dir, flags, xla_flags, log_path, **env_vars):
+  env = {**os.environ, "XLA_FLAGS": xla_flags, **env_vars}
+  with open(log_path, "w") as log:
+    return subprocess.Popen(
+        [sys.executable, os.path.join("tests", "parallel_worker.py"), str(params_dir), *flags],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for_all(workers, timeout):
+  """Waits until every worker has exited, one has failed, or `timeout` seconds have passed."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    codes = [worker.poll() for worker in workers]
+    if None not in codes or any(code not in (None, 0) for code in codes):
+      return
+    time.sleep(0.2)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_eight_devices_train_like_one(tmp_path):
+  worker = _worker(tmp_path / "params", _smoke_flags(tmp_path / "run", 2), EIGHT_DEVICES,
+                   tmp_path / "log")
+  try:
+    worker.wait(timeout=300)
+  finally:
+    worker.kill()
+  assert worker.returncode == 0, (tmp_path / "log").read_text()
+  devices = _by_device(np.load(tmp_path / "params" / "process0.npz"))
+  assert len(devices) == 8
+  reference = _one_device_params(tmp_path, 2)
+  for params in devices.values():
+    _assert_close(params, reference)
+  lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [468, 936]
+
+
+def test_two_processes_on_localhost_train_like_one(tmp_path):
+  cluster = ["--multihost", f"--coordinator_address=localhost:{_free_port()}",
+             "--num_processes=2"]
+  workers = []
+  try:
+    for process_id in range(2):
+      workers.append(_worker(
+          tmp_path / "params", [*_smoke_flags(tmp_path / "run", 1), *cluster,
+                                f"--process_id={process_id}"],
+          "--xla_force_host_platform_device_count=2", tmp_path / f"log{process_id}",
+          # One data dir that MNIST is not yet prepared in: process 0 prepares it, then the other.
+          TFDS_DATA_DIR=str(tmp_path / "tfds"),
+      ))
+    _wait_for_all(workers, timeout=150)
+  finally:  # A worker still running here is stuck: the other one failed, or time ran out.
+    for worker in workers:
+      worker.kill()
+      worker.wait()
+  for process_id, worker in enumerate(workers):
+    assert worker.returncode == 0, (tmp_path / f"log{process_id}").read_text()
+
+  processes = [_by_device(np.load(tmp_path / "params" / f"process{i}.npz")) for i in range(2)]
+  assert [len(devices) for devices in processes] == [2, 2]
+  copies = [params for devices in processes for params in devices.values()]
+  for params in copies[1:]:  # Replicated by collectives: the same bits everywhere.
+    for path, array in params.items():
+      np.testing.assert_array_equal(array, copies[0][path], err_msg=path)
+  _assert_close(copies[0], _one_device_params(tmp_path, 1))
+
+  assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "final_metrics.json",
+                                                  "metrics.jsonl"]
+  assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+  assert "epoch 1/1" in (tmp_path / "log0").read_text()
+  assert "epoch 1/1" not in (tmp_path / "log1").read_text()
+
+
+def test_a_batch_that_does_not_divide_among_devices_names_sizes_that_do(tmp_path, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", EIGHT_DEVICES)
+  result = run_main(*_smoke_flags(tmp_path, 1), "--config.batch_size=100")
+  assert result.returncode != 0
+  assert result.stderr.strip() == (
+      "mnist_jax: config.batch_size 100 does not divide among the 8 devices; "
+      "use a multiple of 8, such as 96 or 104"
+  )
+
+
+@pytest.mark.parametrize("flag", ["--process_id=1", "--coordinator_address=localhost:1234"])
+def test_cluster_flags_need_multihost(tmp_path, flag):
+  result = run_main(*_smoke_flags(tmp_path, 1), flag)
+  assert result.returncode != 0
+  assert result.stderr.strip() == f"mnist_jax: --{flag[2:].split('=')[0]} needs --multihost"
+
+
+def test_multihost_outside_a_cluster_it_can_detect_asks_for_the_cluster_flags(tmp_path):
+  env_names = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES")
+  if any(name in os.environ for name in env_names):
+    pytest.skip("runs inside a cluster that JAX detects")
+  result = run_main(*_smoke_flags(tmp_path, 1), "--multihost")
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mnist_jax: jax.distributed.initialize failed")
+  assert "coordinator address" in lines[0]
+
+
+def _check_padding_on_eight_devices():
+  """1003 random examples, padded to divide among 8 devices, against the same unpadded on one."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (1003, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 1003, dtype=np.int32)
+  info = data.DatasetInfo("random", (28, 28, 1), 10, tuple("0123456789"))
+  state = train.create_train_state(load_config("seed_mlp"), info, jax.random.PRNGKey(0), 15)
+  mesh = parallel.create_mesh()
+  sharded = dict(num_examples=1003, batch_sharding=parallel.data_sharding(mesh), mean=0.0, std=1.0)
+  replicated_state = jax.device_put(state, parallel.state_sharding(mesh, state))
+
+  epoch = functools.partial(train.train_epoch, batch_size=64, mean=0.0, std=1.0)
+  one, _ = jax.jit(epoch)(state, images, labels, jax.random.PRNGKey(1))
+  train_arrays = parallel.put_examples((images, labels), mesh)
+  assert train_arrays[0].shape[0] == 1008
+  eight, _ = jax.jit(functools.partial(train.train_epoch, batch_size=64, **sharded))(
+      replicated_state, *train_arrays, jax.random.PRNGKey(1))
+  assert int(eight.step) == int(one.step) == 1003 // 64
+  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # Adam steps are about 1e-3.
+
+  expected = jax.jit(functools.partial(train.evaluate, batch_size=96, mean=0.0, std=1.0))(
+      one, images, labels)
+  test_arrays = parallel.put_examples((images, labels), mesh, multiple=96)
+  assert test_arrays[0].shape[0] == 1056
+  got = jax.jit(functools.partial(train.evaluate, batch_size=96, **sharded))(
+      jax.device_put(one, parallel.state_sharding(mesh, one)), *test_arrays)
+  assert int(got["count"]) == int(expected["count"]) == 1003
+  assert float(got["accuracy"]) == float(expected["accuracy"])
+  np.testing.assert_allclose(float(got["loss"]), float(expected["loss"]), rtol=1e-5)
+
+
+def test_padding_rows_are_never_drawn_or_counted():
+  result = subprocess.run(
+      [sys.executable, "-c", "import test_parallel; test_parallel._check_padding_on_eight_devices()"],
+      cwd=os.path.join(REPO, "tests"), env={**os.environ, "XLA_FLAGS": EIGHT_DEVICES},
+      capture_output=True, text=True, timeout=300, check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
