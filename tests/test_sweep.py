@@ -36,17 +36,19 @@ def test_smoke_sweep_writes_a_ranked_summary_and_skips_finished_seeds(
 
   table = _csv_rows(tmp_path)
   assert len(table) == 4 and [row["point"] for row in table] == [row["point"] for row in rows]
-  accuracies = [float(row["test_accuracy_mean"]) for row in table]
+  accuracies = [float(row["val_accuracy_mean"]) for row in table]  # validation_fraction 0.1.
   assert accuracies == sorted(accuracies, reverse=True)
   for row in table:
     finals = [json.loads((tmp_path / row["point"] / f"seed_{seed}" / "final_metrics.json")
                          .read_text()) for seed in (0, 1)]
-    assert float(row["test_accuracy_mean"]) == pytest.approx(
-        sum(final["test_accuracy"] for final in finals) / 2)
-    assert float(row["test_accuracy_std"]) > 0  # Two seeds, two different models.
+    for name in ("val_accuracy", "test_accuracy"):
+      first, second = (final[name] for final in finals)
+      assert float(row[f"{name}_mean"]) == pytest.approx((first + second) / 2)
+      assert float(row[f"{name}_std"]) == pytest.approx(abs(first - second) / 2 ** 0.5)
     config_json = json.loads((tmp_path / row["point"] / "seed_1" / "config.json").read_text())
     assert (config_json["learning_rate"], config_json["batch_size"], config_json["seed"]) == (
         float(row["learning_rate"]), int(row["batch_size"]), 1)
+  assert any(float(row["test_accuracy_std"]) > 0 for row in table)  # Seeds train different models.
   markdown = (tmp_path / "sweep_summary.md").read_text()
   lines = [line for line in markdown.splitlines() if line.startswith("| ")]
   assert len(lines) == 1 + 4  # The header and one row per point.
