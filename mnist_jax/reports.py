@@ -133,6 +133,23 @@ def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
+def _seeds_section(history: dict[str, np.ndarray], config: dict[str, Any]) -> str:
+  """With several seeds trained at once: the spread of their final metrics, a row a seed."""
+  if "test_accuracy_per_seed" not in history:
+    return ""
+  accuracies, losses = history["test_accuracy_per_seed"][-1], history["test_loss_per_seed"][-1]
+  first_seed = config.get("seed", 0)
+  rows = [[first_seed + i, f"{a:.2%}", f"{l:.4f}"] for i, (a, l) in enumerate(zip(accuracies, losses))]
+  return f"""
+## {len(accuracies)} seeds trained together
+
+Test accuracy {np.mean(accuracies):.2%} +- {np.std(accuracies):.2%} (mean +- std over seeds).
+The figures and tables below are those of seed {first_seed}.
+
+{_markdown_table(["seed", "test accuracy", "test loss"], rows)}
+"""
+
+
 def _report_markdown(workdir, config, history, counts_CC, class_names, test_loss, mistakes) -> str:
   recall_C, precision_C = recall_and_precision(counts_CC)
   num_examples = int(counts_CC.sum())
@@ -160,7 +177,7 @@ seed {config.get('seed')}
 | test accuracy | test loss | test examples | correct | mistakes |
 |---|---|---|---|---|
 | {correct / num_examples:.2%} | {test_loss:.4f} | {num_examples} | {correct} | {num_examples - correct} |
-
+{_seeds_section(history, config)}
 ## Learning curves
 
 ![learning curves]({PLOTS_DIR}/learning_curves.png)

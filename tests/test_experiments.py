@@ -70,3 +70,6 @@ def test_vmapped_seeds_match_the_same_seeds_trained_one_by_one(tmp_path):
       np.testing.assert_allclose(together[f"{key}_per_seed"][seed], alone[key], rtol=1e-4)
   assert together["test_accuracy"] == pytest.approx(np.mean(together["test_accuracy_per_seed"]))
   assert together["test_accuracy_per_seed"][0] != together["test_accuracy_per_seed"][1]
+  report = (tmp_path / "together" / "report.md").read_text()
+  assert "## 2 seeds trained together" in report
+  assert f"| 1 | {together['test_accuracy_per_seed'][1]:.2%} |" in report

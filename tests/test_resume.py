@@ -39,8 +39,8 @@ def _latest_state(workdir):
 
 def _metrics(workdir):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  for record in records:
-    del record["epoch_time_s"]
+  for record in records:  # All but the timings.
+    del record["epoch_time_s"], record["examples_per_s"]
   return records
 
 
