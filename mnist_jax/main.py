@@ -5,6 +5,7 @@
   --mode=predict  the digit in each of --images=a.png,b.jpg
   --mode=explore  the config's dataset: shapes, class counts and plots
   --mode=report   redraw the training report of a finished --workdir (no --config needed)
+  --mode=sweep    train every point of the config file's get_sweep() (see sweep.py)
 
 This module owns the flags and nothing else; each mode is a function of a config and a workdir.
 """
@@ -19,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import checkpoints, data, explore, parallel, predict, reports, train
+from mnist_jax import checkpoints, data, explore, parallel, predict, reports, sweep, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -31,10 +32,11 @@ _JAX_CACHE_DIR = flags.DEFINE_string(
     "Persistent compilation cache, so a second run skips compiling; empty to turn it off.",
 )
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "predict", "explore", "report"],
+    "mode", "train", ["train", "eval", "predict", "explore", "report", "sweep"],
     "train: train (or resume) and evaluate, then write the report; eval: a checkpoint's test "
     "metrics; predict: the class of each of --images; explore: the dataset's shapes, class counts "
-    "and plots; report: redraw the report of the finished run in --workdir.",
+    "and plots; report: redraw the report of the finished run in --workdir; sweep: train each "
+    "point of the config file's get_sweep() into --workdir/<point>/seed_<seed>/ and rank them.",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
@@ -56,7 +58,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 
 
 _EXPECTED_ERRORS = (
     data.DataError, train.ConfigError, train.TrainingError, checkpoints.CheckpointError,
-    predict.ImageError, reports.ReportError, parallel.ParallelError,
+    predict.ImageError, reports.ReportError, parallel.ParallelError, sweep.SweepError,
 )
 
 
@@ -92,9 +94,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _train() -> None:
   resume = f"resume with: python -m mnist_jax.main {shlex.join(sys.argv[1:])}"
   try:
-    train.train_and_evaluate(
-        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
-    )
+    if _MODE.value == "sweep":
+      filename = config_flags.get_config_filename(flags.FLAGS["config"])
+      sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.load_sweep(filename), title=filename,
+                      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    else:
+      train.train_and_evaluate(
+          _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+      )
   except checkpoints.Stopped as e:
     print(f"mnist_jax: {e}; {resume}", file=sys.stderr)
     sys.exit(128 + e.signum)
@@ -135,7 +142,7 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
     # Our programs compile in under a second, below JAX's default threshold for caching.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  if _MODE.value in ("train", "explore") and _CONFIG.value is None:
+  if _MODE.value in ("train", "explore", "sweep") and _CONFIG.value is None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
@@ -145,7 +152,7 @@ def main(argv: list[str]) -> None:
   try:
     if _MULTIHOST.value:
       parallel.initialize_distributed(*(flag.value for flag in cluster))
-    if _MODE.value == "train":
+    if _MODE.value in ("train", "sweep"):
       _train()
     elif _MODE.value == "eval":
       _eval()

@@ -1,0 +1,61 @@
+"""The Fashion-MNIST configs train on `tfds.testing.mock_data`; offline they stop in one line."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import load_config, run_main
+from mnist_jax import train
+
+NUM_EXAMPLES = 512
+
+
+@pytest.fixture
+def mock_fashion_mnist(tmp_path):
+  """tfds' random examples for fashion_mnist, with split sizes written as real metadata.
+
+  Without metadata, mock_data knows no split sizes, and `batch_size=-1` loads then fail.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  metadata_dir = tmp_path / "tfds_metadata"
+  builder = tfds.builder("fashion_mnist", data_dir=str(metadata_dir))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[NUM_EXAMPLES], num_bytes=0)
+      for split in ("train", "test")
+  ]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES, data_dir=str(metadata_dir)):
+    yield
+
+
+@pytest.mark.parametrize("name", ["fashion_mlp", "fashion_cnn"])
+def test_fashion_configs_train_on_mocked_fashion_mnist(tmp_path, mock_fashion_mnist, name):
+  del mock_fashion_mnist
+  config = load_config(name, "smoke")
+  assert config.dataset == "fashion_mnist" and config.num_epochs == 1
+  config.num_epochs = 3  # Three epochs of 4 steps: enough for the loss to fall on 512 examples.
+  config.lock()
+  final = train.train_and_evaluate(config, str(tmp_path / "run"))
+
+  history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  losses = [record["train_loss"] for record in history]
+  assert len(history) == 3 and np.isfinite(losses).all()
+  assert losses[-1] < losses[0]
+  assert history[0]["step"] == NUM_EXAMPLES // config.batch_size
+  assert final["test_examples"] == NUM_EXAMPLES
+  predictions = np.load(tmp_path / "run" / "predictions.npz")
+  assert predictions["logits_NC"].shape == (NUM_EXAMPLES, 10)
+  assert list(predictions["class_names"])[:2] == ["T-shirt/top", "Trouser"]
+
+
+def test_fashion_config_offline_is_one_clear_line(tmp_path):
+  result = run_main("--config=experiments/fashion_mlp.py:smoke", f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("mnist_jax: dataset 'fashion_mnist' is not prepared in ")
+  assert "cannot be downloaded here" in lines[0]

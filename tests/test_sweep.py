@@ -1,0 +1,145 @@
+"""Sweeps: every point trained into its own directory, a ranked summary, finished seeds skipped."""
+
+import csv
+import functools
+import json
+import os
+
+import pytest
+
+from conftest import REPO, load_config, run_main
+from mnist_jax import data, reports, sweep, train
+
+SMOKE = os.path.join(REPO, "experiments", "lr_batch_sweep.py")
+
+
+@pytest.fixture
+def fast_runs(monkeypatch):
+  """Each split loaded once, and no figures: the sweep is under test, not loading or plotting."""
+  monkeypatch.setattr(data, "load_split", functools.cache(data.load_split))
+  monkeypatch.setattr(reports, "after_training", lambda *args: None)
+
+
+def _csv_rows(workdir):
+  with open(workdir / "sweep_summary.csv", newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_smoke_sweep_writes_a_ranked_summary_and_skips_finished_seeds(
+    tmp_path, monkeypatch, fast_runs
+):
+  del fast_runs
+  config = load_config("lr_batch_sweep", "smoke")
+  points = sweep.load_sweep(f"{SMOKE}:smoke")
+  assert len(points) == 8  # 2 learning rates x 2 batch sizes x 2 seeds.
+  rows = sweep.run_sweep(config, str(tmp_path), points)
+
+  table = _csv_rows(tmp_path)
+  assert len(table) == 4 and [row["point"] for row in table] == [row["point"] for row in rows]
+  accuracies = [float(row["val_accuracy_mean"]) for row in table]  # validation_fraction 0.1.
+  assert accuracies == sorted(accuracies, reverse=True)
+  for row in table:
+    finals = [json.loads((tmp_path / row["point"] / f"seed_{seed}" / "final_metrics.json")
+                         .read_text()) for seed in (0, 1)]
+    for name in ("val_accuracy", "test_accuracy"):
+      first, second = (final[name] for final in finals)
+      assert float(row[f"{name}_mean"]) == pytest.approx((first + second) / 2)
+      assert float(row[f"{name}_std"]) == pytest.approx(abs(first - second) / 2 ** 0.5)
+    config_json = json.loads((tmp_path / row["point"] / "seed_1" / "config.json").read_text())
+    assert (config_json["learning_rate"], config_json["batch_size"], config_json["seed"]) == (
+        float(row["learning_rate"]), int(row["batch_size"]), 1)
+  assert any(float(row["test_accuracy_std"]) > 0 for row in table)  # Seeds train different models.
+  markdown = (tmp_path / "sweep_summary.md").read_text()
+  lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+  assert len(lines) == 1 + 4  # The header and one row per point.
+  assert lines[1].startswith(f"| 1 | {table[0]['learning_rate']} | {table[0]['batch_size']} | ")
+
+  # Again: nothing trains; one seed's results removed: only that seed trains again.
+  trained = []
+  real_train = train.train_and_evaluate
+
+  def counting_train(config, workdir, **kwargs):
+    trained.append(workdir)
+    return real_train(config, workdir, **kwargs)
+
+  monkeypatch.setattr(train, "train_and_evaluate", counting_train)
+  summary = (tmp_path / "sweep_summary.csv").read_text()
+  sweep.run_sweep(config, str(tmp_path), points)
+  assert trained == [] and (tmp_path / "sweep_summary.csv").read_text() == summary
+  last = tmp_path / table[-1]["point"] / "seed_0"
+  (last / "final_metrics.json").unlink()
+  sweep.run_sweep(config, str(tmp_path), points)
+  assert trained == [str(last)]
+  assert (tmp_path / "sweep_summary.csv").read_text() == summary  # Resumed from its checkpoint.
+  # Final metrics older than the config are those of an earlier run (e.g. one with fewer epochs).
+  first = tmp_path / table[0]["point"] / "seed_1"
+  final_time = os.path.getmtime(first / "final_metrics.json")
+  os.utime(first / "config.json", (final_time + 60, final_time + 60))
+  sweep.run_sweep(config, str(tmp_path), points)
+  assert trained == [str(last), str(first)]
+
+
+def test_points_group_seeds_and_get_safe_distinct_names():
+  points = sweep.group_points(
+      [{"learning_rate": 0.1, "seed": 0}, {"learning_rate": 0.1, "seed": 3},
+       {"model_args.hidden_sizes": (256, 256)}], default_seed=7)
+  assert [(p.name, p.seeds) for p in points] == [
+      ("learning_rate=0.1", (0, 3)), ("model_args.hidden_sizes=_256_256_", (7,))]
+  with pytest.raises(sweep.SweepError, match="seed 0 twice"):
+    sweep.group_points([{"seed": 0}, {"seed": 0}], default_seed=0)
+  with pytest.raises(sweep.SweepError, match="share the directory name"):
+    sweep.group_points([{"dataset": "a b"}, {"dataset": "a/b"}], default_seed=0)
+
+
+def test_vmapped_seeds_count_one_by_one_and_validation_accuracy_ranks(tmp_path, fast_runs):
+  del fast_runs
+  config = load_config("lr_batch_sweep", "smoke")
+  config.num_seeds, config.validation_fraction = 2, 0.1
+  rows = sweep.run_sweep(config, str(tmp_path), [{"learning_rate": lr} for lr in (1e-3, 3e-3)])
+
+  assert [row["seeds"] for row in rows] == [2, 2]
+  assert rows[0]["val_accuracy_mean"] >= rows[1]["val_accuracy_mean"]
+  for row in rows:
+    final = json.loads((tmp_path / row["point"] / "seed_0" / "final_metrics.json").read_text())
+    values = final["val_accuracy_per_seed"]
+    assert len(values) == 2 and values[0] != values[1]
+    assert row["val_accuracy_mean"] == pytest.approx(sum(values) / 2)
+    assert row["val_accuracy_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+  header = _csv_rows(tmp_path)[0].keys()
+  assert list(header)[3:5] == ["val_accuracy_mean", "val_accuracy_std"]
+  assert "reads the test set" not in (tmp_path / "sweep_summary.md").read_text()
+
+
+_BAD_SWEEP = """
+from experiments import seed_mlp
+get_config = seed_mlp.get_config
+def get_sweep(arg=None):
+  return [{"learning_rate": 0.1}, {%s}]
+"""
+
+
+@pytest.mark.parametrize(
+    "point, message",
+    [
+        ('"lerning_rate": 0.1', "the sweep sets unknown config field 'lerning_rate'"),
+        ('"model_args.widths": (3,)', "unknown config field 'model_args.widths'"),
+        ('"batch_size": "many"', "the sweep sets config.batch_size to 'many'"),
+        ('"batch_size": 0', "sweep point batch_size=0,seed=0: config.batch_size must be positive"),
+    ],
+)
+def test_a_bad_sweep_is_one_clear_line_before_anything_trains(tmp_path, point, message):
+  experiment = tmp_path / "bad_sweep.py"
+  experiment.write_text(_BAD_SWEEP % point)
+  result = run_main("--mode=sweep", f"--config={experiment}", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("mnist_jax: ") and message in lines[0], lines[0]
+  assert not (tmp_path / "run" / "learning_rate=0.1").exists()
+
+
+def test_a_config_file_without_get_sweep_is_refused():
+  result = run_main("--mode=sweep", "--config=experiments/seed_mlp.py", "--workdir=unused")
+  assert result.returncode != 0
+  assert result.stderr.strip() == (
+      "mnist_jax: experiments/seed_mlp.py defines no get_sweep(arg=None), which --mode=sweep needs")
