@@ -52,8 +52,9 @@ def random_rotate_scale(
     return images_BHWC
   batch, height, width, _ = images_BHWC.shape
   angle_rng, scale_rng = jax.random.split(rng)
-  angles_B = jax.random.uniform(angle_rng, (batch,), minval=-1, maxval=1) * math.radians(max_degrees)
-  scales_B = 1 + jax.random.uniform(scale_rng, (batch,), minval=-1, maxval=1) * max_scale
+  uniform_B = lambda rng: jax.random.uniform(rng, (batch,), minval=-1, maxval=1)
+  angles_B = uniform_B(angle_rng) * math.radians(max_degrees)
+  scales_B = 1 + uniform_B(scale_rng) * max_scale
   rows_HW, cols_HW = jnp.meshgrid(jnp.arange(height) - (height - 1) / 2,
                                   jnp.arange(width) - (width - 1) / 2, indexing="ij")
 
