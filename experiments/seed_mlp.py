@@ -41,6 +41,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.validation_fraction = 0.0
   config.early_stopping_patience = 0  # Epochs without a better selection metric; 0: never stop.
 
+  # Random per-image augmentation of training batches on the device (see mnist_jax/augment.py):
+  # shifts of up to `augment_shift` pixels, rotations within +-`augment_rotate_degrees`, scalings
+  # within 1 +- `augment_scale`. 0 turns each off; input_pipeline='device' only.
+  config.augment_shift = 0
+  config.augment_rotate_degrees = 0.0
+  config.augment_scale = 0.0
+
   config.checkpoint_every_epochs = 1  # And after the last epoch, whatever this is.
   config.keep_checkpoints = 3  # The newest ones; the best (see validation_fraction) is kept too.
 

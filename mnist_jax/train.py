@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_jax import checkpoints, data, models, parallel, progress, reports, summaries
+from mnist_jax import augment, checkpoints, data, models, parallel, progress, reports, summaries
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -79,6 +79,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.early_stopping_patience must be >= 0, got {config.early_stopping_patience}")
   if config.pixel_std <= 0:
     raise ConfigError(f"config.pixel_std must be positive, got {config.pixel_std}")
+  _validate_augmentation(config)
+
+
+def _validate_augmentation(config: ml_collections.ConfigDict) -> None:
+  for name in ("augment_shift", "augment_rotate_degrees", "augment_scale"):
+    if config[name] < 0:
+      raise ConfigError(f"config.{name} must be >= 0, got {config[name]}")
+  if config.augment_scale >= 1:
+    raise ConfigError(f"config.augment_scale must be below 1, got {config.augment_scale}")
+  if augment.Augmentation.from_config(config).enabled and config.input_pipeline != "device":
+    raise ConfigError("config.augment_* needs input_pipeline='device' (augmentation runs there)")
 
 
 _OPTIMIZERS = {
@@ -175,6 +186,8 @@ def summarize_eval(sums: Metrics) -> Metrics:
 # ---------------------------------------------------------------------------------------------
 # The device pipeline: the whole split on the accelerator, an epoch as one compiled scan.
 
+AUGMENT_PURPOSE = 1  # Folded into the epoch key for augmentation; the key itself orders the data.
+
 
 def train_epoch(
     state: TrainState,
@@ -187,29 +200,34 @@ def train_epoch(
     std: float,
     num_examples: int | None = None,
     batch_sharding: jax.sharding.Sharding | None = None,
+    augmentation: augment.Augmentation = augment.Augmentation(),
 ) -> tuple[TrainState, Metrics]:
   """One epoch over device-resident uint8 images, shuffled by `epoch_rng`, as a `lax.scan`.
 
   The last `N % batch_size` examples of each permutation are left out, so every step has the
   same shape; a new permutation each epoch means every example is seen. Rows past `num_examples`
   (padding that makes the arrays divide among devices) are never drawn. With `batch_sharding`,
-  each gathered batch is laid out that way (split along the mesh's `data` axis).
+  each gathered batch is laid out that way (split along the mesh's `data` axis). An enabled
+  `augmentation` transforms each batch's pixels before normalization, with step `s`'s key
+  `fold_in(fold_in(epoch_rng, AUGMENT_PURPOSE), s)`: a function of (seed, epoch, step) only.
   """
   num_examples = images_NHWC.shape[0] if num_examples is None else num_examples
   steps = num_examples // batch_size
   order_SB = jax.random.permutation(epoch_rng, num_examples)[: steps * batch_size]
   order_SB = order_SB.reshape(steps, batch_size)
+  augment_rng = jax.random.fold_in(epoch_rng, AUGMENT_PURPOSE)
 
-  def step(state, indices_B):
-    batch = {
-        "image": data.normalize(images_NHWC[indices_B].astype(jnp.float32), mean, std),
-        "label": labels_N[indices_B],
-    }
+  def step(state, scanned):
+    step_index, indices_B = scanned
+    images_BHWC = images_NHWC[indices_B].astype(jnp.float32)
+    if augmentation.enabled:
+      images_BHWC = augmentation(images_BHWC, jax.random.fold_in(augment_rng, step_index))
+    batch = {"image": data.normalize(images_BHWC, mean, std), "label": labels_N[indices_B]}
     if batch_sharding is not None:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(state, batch)
 
-  state, metrics_S = jax.lax.scan(step, state, order_SB)
+  state, metrics_S = jax.lax.scan(step, state, (jnp.arange(steps), order_SB))
   return state, jax.tree.map(jnp.mean, metrics_S)
 
 
@@ -387,7 +405,8 @@ class _Run:
       start = time.perf_counter()
       if is_train:
         fn = vmapped(functools.partial(train_epoch, batch_size=config.batch_size,
-                                       num_examples=len(examples), **norm),
+                                       num_examples=len(examples), **norm,
+                                       augmentation=augment.Augmentation.from_config(config)),
                      (axes, None, None, 0), (axes, 0))
         jitted = jax.jit(fn, donate_argnums=0,
                          in_shardings=(state_sh, batch_sh, batch_sh, replicated_sh),
