@@ -3,7 +3,9 @@
   python -m mnist_jax.main --config=experiments/cnn.py --workdir=runs/cnn
 
 Adam 1e-3 with cosine decay, batch 128, standardized inputs. Target: >= 99.2% test accuracy in
-<= 120 s of training on a 2-core CPU, for seeds 0, 1 and 2. Measured: see WORKSPACE.md ("CNN").
+<= 120 s of training on a 2-core CPU, for seeds 0, 1 and 2. Measured on 2026-11-30 (2-core AMD
+EPYC, quiet): 99.20%, 99.23%, 99.08% for seeds 0, 1, 2 after 107 s, 106 s, 108 s of training; seed 2
+misses the target.
 """
 
 import ml_collections

@@ -3,7 +3,8 @@
   python -m mnist_jax.main --config=experiments/mlp_regularized.py --workdir=runs/mlp_regularized
 
 Batch 128, 20 epochs, standardized inputs. Target: >= 98.5% test accuracy (Keras' classic
-512-512 dropout MLP reports 98.40% after 20 epochs). Measured: see WORKSPACE.md.
+512-512 dropout MLP reports 98.40% after 20 epochs). Measured on 2026-11-30 (2-core AMD EPYC,
+shared with other jobs): 98.74% test accuracy for seed 0, about 120 s of training.
 """
 
 import ml_collections
