@@ -1,11 +1,12 @@
-"""A small CNN: two 3x3 conv layers (32, 64) with max-pooling, a 128-wide dense layer, dropout.
+"""A small CNN: two 3x3 conv layers (32, 64) with max-pooling, a 128-wide dense layer, dropout,
+trained on images shifted by up to one pixel (on the device).
 
   python -m mnist_jax.main --config=experiments/cnn.py --workdir=runs/cnn
 
 Adam 1e-3 with cosine decay, batch 128, standardized inputs. Target: >= 99.2% test accuracy in
 <= 120 s of training on a 2-core CPU, for seeds 0, 1 and 2. Measured on 2026-11-30 (2-core AMD
-EPYC, quiet): 99.20%, 99.23%, 99.08% for seeds 0, 1, 2 after 107 s, 106 s, 108 s of training; seed 2
-misses the target.
+EPYC, quiet): 99.27%, 99.36%, 99.32% for seeds 0, 1, 2 after 107 s, 106 s, 105 s of training.
+Without the shifts the same runs gave 99.20%, 99.23%, 99.08%.
 """
 
 import ml_collections
@@ -21,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dict(features=(32, 64), dense_size=128, activation="relu", dropout_rate=0.25)
   )
   config.lr_schedule = "cosine"
+  config.augment_shift = 1
   if arg is None:
     config.batch_size = 128
     config.num_epochs = 5
