@@ -411,7 +411,7 @@ class _Run:
         jitted = jax.jit(fn, donate_argnums=0,
                          in_shardings=(state_sh, batch_sh, batch_sh, replicated_sh),
                          out_shardings=(state_sh, replicated_sh))
-        lowered = jitted.lower(state, *self.arrays[name], self._rngs_like(0))
+        lowered = jitted.lower(state, *self.arrays[name], self.epoch_rngs(seed_rngs(config), 0))
       else:
         fn = vmapped(functools.partial(evaluate, batch_size=config.eval_batch_size,
                                        num_examples=len(examples), **norm),
@@ -421,9 +421,6 @@ class _Run:
         lowered = jitted.lower(state, *self.arrays[name])
       self._compiled[name] = lowered.compile()
       self.compile_time_s += time.perf_counter() - start
-
-  def _rngs_like(self, epoch: int) -> jax.Array:
-    return self.epoch_rngs(seed_rngs(self.config), epoch)
 
   def epoch_rngs(self, data_rngs: jax.Array, epoch: int) -> jax.Array:
     """Each seed's key for the data order of `epoch`."""
