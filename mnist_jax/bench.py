@@ -36,10 +36,6 @@ _LOOPS = flags.DEFINE_list(
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one loop and print its JSON line.")
 
 
-
-
-
-
 def _arrays():
   """Train and test splits of MNIST as float32 in [0, 1], as the notebook prepares them."""
   from mnist_jax import data  # pylint: disable=import-outside-toplevel
@@ -266,6 +262,9 @@ def main(argv: list[str]) -> None:
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
     return
+  from mnist_jax import parallel  # pylint: disable=import-outside-toplevel
+
+  parallel.prefer_wide_cpu_vectors()  # As main.py does; the loops inherit it.
   unknown = sorted(set(_LOOPS.value) - set(_RUNNERS))
   if unknown:
     sys.exit(f"mnist_jax.bench: unknown loops {unknown}; choose from {sorted(_RUNNERS)}")

@@ -1,17 +1,16 @@
 """Shared fixtures: one tfds data dir for the whole session, prepared from the bundled MNIST."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
-import importlib.util
-
 import ml_collections
 import pytest
 
-from mnist_jax import data
+from mnist_jax import data, parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +23,7 @@ def pytest_configure(config):
   """
   del config
   os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
+  parallel.prefer_wide_cpu_vectors()  # The XLA flags that `main.py` sets.
 
 
 def pytest_unconfigure(config):

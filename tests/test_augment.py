@@ -1,5 +1,6 @@
 """Augmentation on the device: shapes, keys, exact shifts, rotations, and training with it."""
 
+import functools
 import math
 
 import jax
@@ -74,9 +75,10 @@ def test_augmented_cnn_trains_and_its_epochs_are_reproducible(mnist_train):
   config.lr_schedule = "constant"  # Cosine over the smoke run's length would end at zero.
   images = jnp.asarray(mnist_train.images_NHWC[:1024])
   labels = jnp.asarray(mnist_train.labels_N[:1024])
-  epoch = jax.jit(lambda state, rng: train.train_epoch(
-      state, images, labels, rng, batch_size=128, mean=config.pixel_mean, std=config.pixel_std,
+  compiled = jax.jit(functools.partial(
+      train.train_epoch, batch_size=128, mean=config.pixel_mean, std=config.pixel_std,
       augmentation=augment.Augmentation.from_config(config)))
+  epoch = lambda state, rng: compiled(state, images, labels, train.epoch_order(rng, 1024), rng)
   init = train.create_train_state(config, INFO, jax.random.PRNGKey(0), steps_per_epoch=8)
   state, losses = init, []
   for e in range(4):
