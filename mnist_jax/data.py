@@ -3,7 +3,8 @@
 tfds is the source of truth. MNIST ships with the package (the original IDX files), so that
 `tfds.load("mnist")` works on machines that reach no dataset host: the first load prepares it from
 the bundled files through tfds' own `MNIST` builder. Where TensorFlow is not installed, MNIST is read
-from the same files with numpy, in the order tfds would give.
+from the same files with numpy, in the order tfds would give. Whole splits, once decoded, are kept as
+arrays beside tfds' files, so a run that finds them starts without importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import gzip
 import hashlib
+import importlib.metadata
 import importlib.resources
 import io
+import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
@@ -208,24 +214,34 @@ def _builder(name: str, data_dir: str | None):
 
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
   """Shape, number of classes and class names of a dataset."""
+  path = _kept_path(name, "info.json", data_dir)
+  if path and os.path.exists(path):
+    try:
+      with open(path) as f:
+        kept = json.load(f)
+      return DatasetInfo(kept["name"], tuple(kept["image_shape"]), kept["num_classes"],
+                         tuple(kept["class_names"]))
+    except (OSError, TypeError, ValueError, KeyError):
+      pass  # Damaged: asked of tfds again below.
   if name == "mnist" and not have_tensorflow():
     return DatasetInfo("mnist", (28, 28, 1), 10, tuple(str(d) for d in range(10)))
   if not have_tensorflow():
     raise DataError(f"dataset {name!r} needs tensorflow-datasets; only 'mnist' loads without it")
   features = _builder(name, data_dir).info.features
-  return DatasetInfo(
+  info = DatasetInfo(
       name,
       tuple(features["image"].shape),
       features["label"].num_classes,
       tuple(features["label"].names),
   )
+  _keep(_kept_path(name, "info.json", data_dir),
+        lambda f: f.write(json.dumps(dataclasses.asdict(info)).encode()))
+  return info
 
 
 def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
   """How many examples a split holds."""
-  if not have_tensorflow():
-    return len(load_split(name, split, data_dir))
-  return _builder(name, data_dir).info.splits[split].num_examples
+  return len(load_split(name, split, data_dir))
 
 
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
@@ -253,19 +269,76 @@ _SLICE = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
 
 
 def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
-  """Loads a whole split, e.g. `test` or `train[:54000]`: through tfds where it is installed,
-  else from the bundled MNIST (whole splits and index slices only)."""
-  if have_tensorflow():
-    return load_tfds(name, split, data_dir)
-  if name != "mnist":
-    raise DataError(f"dataset {name!r} needs tensorflow-datasets; only 'mnist' loads without it")
+  """Loads a split into memory: a whole one such as `test`, or an index slice such as
+  `train[:54000]` (other tfds split strings go to tfds as they are).
+
+  A whole split is decoded once by tfds (or, without TensorFlow, read from the bundled MNIST) and
+  kept as arrays beside tfds' files; later loads read those and import no TensorFlow.
+  """
   match = _SLICE.match(split)
-  if not match or match[1] not in _MNIST_FILES:
-    raise DataError(f"split {split!r} needs tensorflow-datasets; without it use 'train' or 'test'"
-                    " or an index slice of them such as 'train[:54000]'")
-  whole = load_bundled_mnist(match[1])
+  if not match:
+    if not have_tensorflow():
+      raise DataError(f"split {split!r} needs tensorflow-datasets; without it use 'train' or "
+                      "'test' or an index slice of them such as 'train[:54000]'")
+    return load_tfds(name, split, data_dir)
+  whole = _load_whole_split(name, match[1], data_dir)
   rows = slice(int(match[2]) if match[2] else None, int(match[3]) if match[3] else None)
   return Split(whole.images_NHWC[rows], whole.labels_N[rows])
+
+
+def _load_whole_split(name: str, split: str, data_dir: str | None) -> Split:
+  path = _kept_path(name, f"{split}.npz", data_dir)
+  if path and os.path.exists(path):
+    try:
+      with np.load(path) as kept:
+        return Split(kept["images"], kept["labels"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+      pass  # Damaged: decoded again below.
+  if have_tensorflow():
+    whole = load_tfds(name, split, data_dir)
+  elif name == "mnist" and split in _MNIST_FILES:
+    whole = load_bundled_mnist(split)
+  else:
+    raise DataError(f"dataset {name!r} needs tensorflow-datasets; only 'mnist' loads without it")
+  _keep(_kept_path(name, f"{split}.npz", data_dir),  # Once prepared, if it was not.
+        lambda f: np.savez(f, images=whole.images_NHWC, labels=whole.labels_N))
+  return whole
+
+
+def _kept_path(name: str, filename: str, data_dir: str | None) -> str | None:
+  """Where decoded arrays and info of `name` are kept: beside tfds' files, under a digest of the
+  prepared dataset's `dataset_info.json`, so that a dataset prepared anew is decoded anew. None
+  where tfds has prepared no `name` in the data dir (as under `tfds.testing.mock_data`)."""
+  root = os.path.expanduser(
+      data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets"))
+  infos = glob.glob(os.path.join(glob.escape(root), name, "*", "dataset_info.json"))
+  if not infos:
+    return None
+  version = lambda path: [int(part) for part in re.findall(r"\d+", path.split(os.sep)[-2])]
+  try:
+    with open(max(infos, key=version), "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  except OSError:
+    return None
+  return os.path.join(root, "mnist_jax_decoded", name, digest, filename)
+
+
+def _keep(path: str | None, write: Callable[[Any], Any]) -> None:
+  """Writes a file whole or not at all (a unique temporary file, then renamed), so that processes
+  decoding at once do not mix; a directory that refuses writes only costs the next run a decode."""
+  if path is None:
+    return
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:
+      try:
+        write(f)
+      except OSError:
+        os.remove(f.name)
+        raise
+    os.replace(f.name, path)
+  except OSError:
+    pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,17 +1,29 @@
-"""TensorBoard event files, written with TensorFlow's summary API under `<workdir>/tensorboard/`.
+"""TensorBoard event files under `<workdir>/tensorboard/`, written without TensorFlow.
 
-TensorFlow is optional for training: without it, or once a write has failed, the writer says so on
-stderr once and writes nothing more, and the run goes on (`metrics.jsonl` is the full record).
+Events are the summaries `tf.summary.scalar` and `tf.summary.image` write (tensors tagged for
+TensorBoard's scalars and images plugins), built from TensorBoard's own protos and written by its
+record writer, so a run imports no TensorFlow for them. Each write is flushed at once. A write that
+fails says so on stderr once and turns the writer off; the run goes on (`metrics.jsonl` is the full
+record).
 """
 
 from __future__ import annotations
 
+import io
+import itertools
+import os
+import socket
 import sys
+import time
 from typing import Any
 
 import numpy as np
-
-from mnist_jax import data
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.util import tensor_util
 
 # TensorBoard tag -> field of an epoch's record in `metrics.jsonl`.
 EPOCH_SCALARS = {
@@ -24,55 +36,70 @@ EPOCH_SCALARS = {
     "examples_per_s": "examples_per_s",
 }
 
+_FILE_NUMBERS = itertools.count()
+
 
 class Writer:
   """Scalars and images for one log directory; one note on stderr where events cannot be written."""
 
   def __init__(self, logdir: str):
     self.logdir = logdir
-    self._writer = None
-    if not data.have_tensorflow():
-      print(f"mnist_jax: note: TensorFlow is not installed, so no TensorBoard events in {logdir}",
-            file=sys.stderr)
-      return
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    self._records = None
 
-    self._tf = tf
-    self._guarded(lambda: setattr(self, "_writer", tf.summary.create_file_writer(logdir)))
+    def open_file():
+      os.makedirs(logdir, exist_ok=True)
+      name = (f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}."
+              f"{next(_FILE_NUMBERS)}")  # Unique, as TensorBoard reads every file in the directory.
+      self._records = RecordWriter(open(os.path.join(logdir, name), "xb"))
+
+    self._guarded(open_file)
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def _guarded(self, write) -> None:
     try:
       write()
     except Exception as e:  # Any failure to log must leave the training untouched.
-      self._writer = None
+      self._records = None
       print(f"mnist_jax: warning: TensorBoard events stop here ({type(e).__name__}: {e})",
             file=sys.stderr)
+
+  def _write(self, event: event_pb2.Event) -> None:
+    if self._records is None:
+      return
+
+    def write():
+      self._records.write(event.SerializeToString())
+      self._records.flush()
+
+    self._guarded(write)
+
+  def _summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+    self._write(event_pb2.Event(wall_time=time.time(), step=step,
+                                summary=summary_pb2.Summary(value=values)))
 
   def write_epoch(self, record: dict[str, Any]) -> None:
     """The `EPOCH_SCALARS` of one epoch's record, at its training step."""
     self.scalars(record["step"], {tag: record[field] for tag, field in EPOCH_SCALARS.items()})
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    if self._writer is None:
-      return
-
-    def write():
-      with self._writer.as_default(step=step):
-        for tag, value in values.items():
-          self._tf.summary.scalar(tag, value)
-      self._writer.flush()
-
-    self._guarded(write)
+    metadata = scalar_metadata.create_summary_metadata(display_name=None, description=None)
+    self._summary(step, [
+        summary_pb2.Summary.Value(
+            tag=tag, metadata=metadata,
+            tensor=tensor_util.make_tensor_proto(np.float32(value)))
+        for tag, value in values.items()
+    ])
 
   def images(self, step: int, images: dict[str, np.ndarray]) -> None:
-    """Each `[H, W, C]` uint8 image (C = 1, 3 or 4) under its tag."""
-    if self._writer is None:
-      return
-
-    def write():
-      with self._writer.as_default(step=step):
-        for tag, image_HWC in images.items():
-          self._tf.summary.image(tag, image_HWC[None])
-      self._writer.flush()
-
-    self._guarded(write)
+    """Each `[H, W, C]` uint8 image (C = 1, 3 or 4) under its tag, as a PNG."""
+    metadata = image_metadata.create_summary_metadata(display_name=None, description=None)
+    values = []
+    for tag, image_HWC in images.items():
+      png = io.BytesIO()
+      Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(
+          png, format="PNG")
+      height, width = image_HWC.shape[:2]
+      contents = [str(width).encode(), str(height).encode(), png.getvalue()]
+      values.append(summary_pb2.Summary.Value(
+          tag=tag, metadata=metadata, tensor=tensor_util.make_tensor_proto(contents)))
+    self._summary(step, values)

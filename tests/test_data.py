@@ -1,5 +1,9 @@
 """The data module on the real bundled MNIST: counts, order, checksums, both pipelines."""
 
+import hashlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -19,9 +23,9 @@ def test_splits_have_the_known_shapes_and_label_counts(mnist_train, mnist_test):
   assert np.bincount(mnist_test.labels_N).tolist() == TEST_COUNTS
 
 
-def test_tfds_and_numpy_paths_give_identical_arrays_in_identical_order(mnist_train, mnist_test):
-  for split, from_tfds in (("train", mnist_train), ("test", mnist_test)):
-    from_numpy = data.load_bundled_mnist(split)
+def test_tfds_and_numpy_paths_give_identical_arrays_in_identical_order():
+  for split in ("train", "test"):
+    from_tfds, from_numpy = data.load_tfds("mnist", split), data.load_bundled_mnist(split)
     np.testing.assert_array_equal(from_numpy.images_NHWC, from_tfds.images_NHWC)
     np.testing.assert_array_equal(from_numpy.labels_N, from_tfds.labels_N)
 
@@ -32,6 +36,35 @@ def test_plain_tfds_load_works_once_prepared(mnist_test):
   images, labels = tfds.as_numpy(tfds.load("mnist", split="test", batch_size=-1, as_supervised=True))
   np.testing.assert_array_equal(images, mnist_test.images_NHWC)
   np.testing.assert_array_equal(labels, mnist_test.labels_N)
+
+
+_LOAD_KEPT_WITHOUT_TENSORFLOW = """
+import hashlib, sys
+sys.modules["tensorflow"] = None  # Any import of TensorFlow now fails,
+from mnist_jax import data
+data.load_bundled_mnist = None  # and so does reading the bundled files.
+split = data.load_split("mnist", "train[100:]")
+print(data.dataset_info("mnist").num_classes, len(split), hashlib.sha256(split.images_NHWC).hexdigest())
+"""
+
+
+def test_a_decoded_split_is_kept_and_loads_again_without_tensorflow(mnist_train):
+  del mnist_train  # Decoded, and so kept, in this session's data dir.
+  result = subprocess.run([sys.executable, "-c", _LOAD_KEPT_WITHOUT_TENSORFLOW],
+                          capture_output=True, text=True, check=True)
+  expected = data.load_tfds("mnist", "train[100:]")
+  digest = hashlib.sha256(expected.images_NHWC).hexdigest()
+  assert result.stdout.split() == ["10", "59900", digest]
+
+
+def test_a_damaged_kept_split_is_decoded_again(tmp_path, monkeypatch, mnist_test):
+  kept = tmp_path / "test.npz"
+  kept.write_bytes(b"not an npz file")
+  monkeypatch.setattr(data, "_kept_path", lambda name, filename, data_dir: str(kept))
+  again = data.load_split("mnist", "test")
+  np.testing.assert_array_equal(again.images_NHWC, mnist_test.images_NHWC)
+  with np.load(kept) as arrays:
+    np.testing.assert_array_equal(arrays["labels"], mnist_test.labels_N)
 
 
 def test_checksum_mismatch_names_the_file(tmp_path, monkeypatch):
