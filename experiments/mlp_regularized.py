@@ -4,7 +4,7 @@
 
 Batch 128, 20 epochs, standardized inputs. Target: >= 98.5% test accuracy (Keras' classic
 512-512 dropout MLP reports 98.40% after 20 epochs). Measured on 2026-11-30 (2-core AMD EPYC,
-shared with other jobs): 98.74% test accuracy for seed 0, about 120 s of training.
+quiet): 98.68% test accuracy for seed 0, 44 s of training (2.2 s an epoch).
 """
 
 import ml_collections

@@ -2,9 +2,9 @@
 
 tfds is the source of truth. MNIST ships with the package (the original IDX files), so that
 `tfds.load("mnist")` works on machines that reach no dataset host: the first load prepares it from
-the bundled files through tfds' own `MNIST` builder. Where TensorFlow is not installed, MNIST is read
-from the same files with numpy, in the order tfds would give. Whole splits, once decoded, are kept as
-arrays beside tfds' files, so a run that finds them starts without importing TensorFlow.
+the bundled files through tfds' own `MNIST` builder. Where TensorFlow is not installed, MNIST is
+read from the same files with numpy, in the order tfds would give. Whole splits, once decoded, are
+kept as arrays beside tfds' files, so a run that finds them starts without importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def verified_mnist_bytes(filename: str) -> bytes:
   try:
     raw = gzip.decompress((BUNDLED_MNIST / f"{filename}.gz").read_bytes())
   except (OSError, EOFError) as e:
-    raise DataError(f"bundled MNIST file {filename}.gz cannot be read ({e}); reinstall mnist_jax") from e
+    raise DataError(
+        f"bundled MNIST file {filename}.gz cannot be read ({e}); reinstall mnist_jax") from e
   if hashlib.sha256(raw).hexdigest() != expected[filename]:
     raise DataError(
         f"bundled MNIST file {filename}.gz fails its SHA-256 check; reinstall mnist_jax"
