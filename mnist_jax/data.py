@@ -300,7 +300,8 @@ def _load_whole_split(name: str, split: str, data_dir: str | None) -> Split:
   elif name == "mnist" and split in _MNIST_FILES:
     whole = load_bundled_mnist(split)
   else:
-    raise DataError(f"dataset {name!r} needs tensorflow-datasets; only 'mnist' loads without it")
+    raise DataError(f"split {split!r} of {name!r} needs tensorflow-datasets; without it only "
+                    "MNIST's 'train' and 'test' load")
   _keep(_kept_path(name, f"{split}.npz", data_dir),  # Once prepared, if it was not.
         lambda f: np.savez(f, images=whole.images_NHWC, labels=whole.labels_N))
   return whole

@@ -113,8 +113,9 @@ def _train() -> None:
 def _eval() -> None:
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
   metrics = train.evaluate_test_split(model.config, model.state)
-  print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {metrics['loss']!r}  "
-        f"test_accuracy {metrics['accuracy']!r}  test_examples {int(metrics['count'])}")
+  show = lambda values: repr(values.item()) if values.ndim == 0 else str(values.tolist())  # Seeds.
+  print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {show(metrics['loss'])}  "
+        f"test_accuracy {show(metrics['accuracy'])}  test_examples {int(metrics['count'].max())}")
 
 
 def _predict() -> int:

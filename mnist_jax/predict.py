@@ -10,9 +10,11 @@ drawing of one digit on a plain background, inverting it first when the backgrou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -41,8 +43,7 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
   """Restores the model of `workdir`: its "best" checkpoint, the "latest", or a step number."""
 
   def template(config, meta):
-    info = dataset_info(meta)
-    return train.create_train_state(config, info, jax.random.PRNGKey(0), meta["steps_per_epoch"])
+    return train.initial_state(config, dataset_info(meta), meta["steps_per_epoch"])[0]
 
   return checkpoints.restore(workdir, template, checkpoint)
 
@@ -111,15 +112,20 @@ def mnist_like(image: np.ndarray) -> np.ndarray:
   return np.round(canvas).astype(np.uint8)
 
 
-@jax.jit
-def _softmax_logits(state: train.TrainState, images_NHWC: jax.Array) -> jax.Array:
-  return jax.nn.softmax(state.apply_fn({"params": state.params}, images_NHWC, train=False))
+@functools.partial(jax.jit, static_argnames="num_seeds")
+def _softmax_logits(state: train.TrainState, images_NHWC: jax.Array, num_seeds: int) -> jax.Array:
+  apply = lambda params: jax.nn.softmax(
+      state.apply_fn({"params": params}, images_NHWC, train=False))
+  if num_seeds == 1:
+    return apply(state.params)
+  return jnp.mean(jax.vmap(apply)(state.params), axis=0)
 
 
 def probabilities(
     model: checkpoints.Restored, images: Sequence[np.ndarray] | np.ndarray, *, preprocess: bool = True
 ) -> np.ndarray:
-  """Class probabilities `[N, num_classes]` of a trained model for N digit images.
+  """Class probabilities `[N, num_classes]` of a trained model for N digit images; of a run of
+  `config.num_seeds` models, the mean of theirs (an ensemble).
 
   Args:
     model: from `load(workdir)`.
@@ -139,4 +145,4 @@ def probabilities(
     images_NHW = np.asarray(images).reshape(-1, MNIST_SIZE, MNIST_SIZE)
   normalized = data.normalize(images_NHW[..., None].astype(np.float32),
                               model.config.pixel_mean, model.config.pixel_std)
-  return np.asarray(_softmax_logits(model.state, normalized))
+  return np.asarray(_softmax_logits(model.state, normalized, model.config.num_seeds))

@@ -356,6 +356,19 @@ def seed_rngs(config: ml_collections.ConfigDict) -> jax.Array:
       config.seed)
 
 
+def initial_state(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, steps_per_epoch: int
+) -> tuple[TrainState, jax.Array]:
+  """The state a run starts from, one model per seed, and each seed's key for the data order."""
+  rngs = seed_rngs(config)
+  if config.num_seeds == 1:
+    init_rng, data_rng = jax.random.split(rngs)
+    return create_train_state(config, info, init_rng, steps_per_epoch), data_rng
+  init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
+  state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
+  return state.replace(step=state.step[0]), data_rngs  # One step count, as `seed_axes` says.
+
+
 def _record_metrics(prefix: str, metrics: Metrics) -> dict[str, Any]:
   """`{prefix}_loss` and `{prefix}_accuracy`: with several seeds their mean, std and values."""
   record = {}
@@ -402,6 +415,7 @@ class _Run:
                                  out_shardings=(state_sh, replicated_sh))
       self._eval_step = jax.jit(eval_step, in_shardings=(state_sh, batch_sh),
                                 out_shardings=replicated_sh)
+      self.num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)
       return
 
     norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=batch_sh)
@@ -453,8 +467,8 @@ class _Run:
         mean=self.config.pixel_mean, std=self.config.pixel_std,
         shuffle_seed=_stream_seed(epoch_rng), data_dir=self.config.data_dir,
     )
-    num_train = data.num_examples(self.config.dataset, self.splits["train"], self.config.data_dir)
-    on_step = progress.EpochProgress(num_train // self.config.batch_size, self.config.batch_size)
+    on_step = progress.EpochProgress(self.num_train // self.config.batch_size,
+                                     self.config.batch_size)
     return train_epoch_stream(self._train_step, state, self._sharded(batches), on_step)
 
   def evaluate(self, state: TrainState, name: str = "test") -> Metrics:
@@ -477,10 +491,12 @@ def _splits(config: ml_collections.ConfigDict) -> dict[str, str]:
   return {"train": train, "test": "test", **({"val": val} if val else {})}
 
 
-def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
-  """Test loss, accuracy and count of `state`, computed as `train_and_evaluate` reports them."""
-  metrics = _Run(config, state, _splits(config)).evaluate(state)
-  return {name: float(value) for name, value in jax.device_get(metrics).items()}
+def evaluate_test_split(
+    config: ml_collections.ConfigDict, state: TrainState
+) -> dict[str, np.ndarray]:
+  """Test loss, accuracy and count of `state`, computed as `train_and_evaluate` reports them:
+  scalars, or one value per seed where `config.num_seeds` > 1."""
+  return jax.device_get(_Run(config, state, _splits(config)).evaluate(state))
 
 
 def train_and_evaluate(
@@ -514,14 +530,7 @@ def _train_and_evaluate(
     raise ConfigError(
         f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
     )
-  rngs = seed_rngs(config)
-  if config.num_seeds > 1:
-    init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
-    state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
-    state = state.replace(step=state.step[0])  # One step count for all, as `seed_axes` says.
-  else:
-    init_rngs, data_rngs = jax.random.split(rngs)
-    state = create_train_state(config, info, init_rngs, steps_per_epoch)
+  state, data_rngs = initial_state(config, info, steps_per_epoch)
   run = _Run(config, state, splits)
   state = jax.device_put(state, run.state_sharding)
   state, history = ckpts.resume(

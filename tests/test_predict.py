@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,3 +93,23 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
   assert len(errors) == len(bad), result.stderr
   for line, (path, reason) in zip(errors, bad.items()):
     assert line.startswith(f"mnist_jax: {path}: {reason}"), line
+
+
+def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_path, mnist_test):
+  config = load_config("seed_mlp", "smoke")
+  config.num_seeds = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  record = json.loads((tmp_path / "metrics.jsonl").read_text())
+  result = run_main("--mode=eval", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  assert f"test_accuracy {record['test_accuracy_per_seed']!r}" in result.stdout
+
+  model = predict.load(str(tmp_path))
+  images = mnist_test.images_NHWC[:100]
+  probs = predict.probabilities(model, images, preprocess=False)
+  first = jax.tree.map(lambda x: x[0], model.state.params)
+  second = jax.tree.map(lambda x: x[1], model.state.params)
+  apply = lambda params: jax.nn.softmax(model.state.apply_fn(
+      {"params": params}, images.astype(np.float32) / 255.0, train=False))
+  np.testing.assert_allclose(probs, (apply(first) + apply(second)) / 2, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(apply(first), apply(second), atol=1e-3)  # Two models, not one twice.
