@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import glob
 import gzip
@@ -195,7 +196,13 @@ def _builder(name: str, data_dir: str | None):
   if builder.is_prepared():
     return builder
   if name == "mnist":
-    _prepare_bundled_mnist(data_dir)
+    # Runs started together on a fresh data dir take turns: the first prepares, the others find it.
+    lock_dir = os.path.dirname(builder.data_dir)
+    os.makedirs(lock_dir, exist_ok=True)
+    with open(os.path.join(lock_dir, ".mnist_jax_prepare.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
+      if not tfds.builder(name, data_dir=data_dir).is_prepared():
+        _prepare_bundled_mnist(data_dir)
     return tfds.builder(name, data_dir=data_dir)
   # tfds retries a failed download ten times with backoff, minutes where there is no network.
   from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel

@@ -1,6 +1,7 @@
 """The data module on the real bundled MNIST: counts, order, checksums, both pipelines."""
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,16 @@ def test_a_damaged_kept_split_is_decoded_again(tmp_path, monkeypatch, mnist_test
   np.testing.assert_array_equal(again.images_NHWC, mnist_test.images_NHWC)
   with np.load(kept) as arrays:
     np.testing.assert_array_equal(arrays["labels"], mnist_test.labels_N)
+
+
+def test_two_runs_preparing_a_fresh_data_dir_at_once_both_load_mnist(tmp_path):
+  load = "from mnist_jax import data; print(len(data.load_split('mnist', 'test')))"
+  env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path)}
+  runs = [subprocess.Popen([sys.executable, "-c", load], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  for run in runs:
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0 and out.split() == ["10000"], err
 
 
 def test_checksum_mismatch_names_the_file(tmp_path, monkeypatch):
