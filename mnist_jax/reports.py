@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from mnist_jax import data, plots, summaries
 
@@ -258,11 +257,8 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
     f.write(_report_markdown(workdir, config, history, counts_CC, class_names, test_loss,
                              mistake_rows))
   if writer is not None:
-    images = {}
-    for name in figures:
-      with Image.open(os.path.join(plot_dir, f"{name}.png")) as image:
-        images[f"report/{name}"] = np.asarray(image)
-    writer.images(int(history["step"][-1]), images)
+    writer.pngs(int(history["step"][-1]),
+                {f"report/{name}": os.path.join(plot_dir, f"{name}.png") for name in figures})
   return seconds
 
 

@@ -90,16 +90,16 @@ class Writer:
         for tag, value in values.items()
     ])
 
-  def images(self, step: int, images: dict[str, np.ndarray]) -> None:
-    """Each `[H, W, C]` uint8 image (C = 1, 3 or 4) under its tag, as a PNG."""
+  def pngs(self, step: int, paths: dict[str, str]) -> None:
+    """Each PNG file under its tag, its bytes as they are (TensorBoard shows PNGs as they come)."""
     metadata = image_metadata.create_summary_metadata(display_name=None, description=None)
     values = []
-    for tag, image_HWC in images.items():
-      png = io.BytesIO()
-      Image.fromarray(image_HWC.squeeze(-1) if image_HWC.shape[-1] == 1 else image_HWC).save(
-          png, format="PNG")
-      height, width = image_HWC.shape[:2]
-      contents = [str(width).encode(), str(height).encode(), png.getvalue()]
+    for tag, path in paths.items():
+      with open(path, "rb") as f:
+        png = f.read()
+      with Image.open(io.BytesIO(png)) as image:  # Reads the header only.
+        width, height = image.size
+      contents = [str(width).encode(), str(height).encode(), png]
       values.append(summary_pb2.Summary.Value(
           tag=tag, metadata=metadata, tensor=tensor_util.make_tensor_proto(contents)))
     self._summary(step, values)
