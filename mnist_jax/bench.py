@@ -131,7 +131,8 @@ def _torch(config) -> dict[str, Any]:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     return {"skipped": "PyTorch is not installed (pip install torch to include it)"}
-  x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in _arrays())
+  device = "cuda" if torch.cuda.is_available() else "cpu"  # As a PyTorch user would.
+  x_train, y_train, x_test, y_test = (torch.from_numpy(a).to(device) for a in _arrays())
   x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
   y_train, y_test = y_train.long(), y_test.long()
   torch.manual_seed(0)
@@ -139,23 +140,25 @@ def _torch(config) -> dict[str, Any]:
   for width in config.model_args.hidden_sizes:
     layers += [torch.nn.Linear(width_in, width), torch.nn.ReLU()]
     width_in = width
-  model = torch.nn.Sequential(*layers, torch.nn.Linear(width_in, 10))
+  model = torch.nn.Sequential(*layers, torch.nn.Linear(width_in, 10)).to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
   loss_fn = torch.nn.CrossEntropyLoss()
   epoch_times = []
   for _ in range(config.num_epochs):
     start = time.perf_counter()
-    order = torch.randperm(len(y_train))
+    order = torch.randperm(len(y_train), device=device)
     for first in range(0, len(order), config.batch_size):
       indices = order[first : first + config.batch_size]
       optimizer.zero_grad()
       loss_fn(model(x_train[indices]), y_train[indices]).backward()
       optimizer.step()
+    if device == "cuda":
+      torch.cuda.synchronize()  # CUDA runs behind Python: the epoch ends when its kernels do.
     epoch_times.append(time.perf_counter() - start)
   with torch.no_grad():
     accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
   return {"train_s": sum(epoch_times), "epoch_times_s": epoch_times, "test_accuracy": accuracy,
-          "torch": torch.__version__}
+          "device": f"{device} (PyTorch {torch.__version__})"}
 
 
 def _matmul_floor() -> dict[str, Any]:
@@ -261,7 +264,7 @@ def _floor_summary(results: dict[str, list[dict[str, Any]]], config) -> str:
   epoch_gflop = flops * (60_000 // config.batch_size) * config.batch_size / 1e9
   floor_s = epoch_gflop / gflops
   summary = (f"matmul floor: a 2048^3 jitted matmul runs at {gflops:.0f} GFLOP/s; one epoch of this "
-             f"MLP is {epoch_gflop:.1f} GFLOP, so at least {floor_s:.3f} s")
+             f"MLP is {epoch_gflop:.1f} GFLOP, so at least {floor_s:.3g} s")
   device_runs = [run for run in results.get("jax_device", []) if "train_s" in run]
   if device_runs:
     epoch_s = _median(device_runs, "steady_epoch_s")
@@ -282,7 +285,7 @@ def main(argv: list[str]) -> None:
     return
   from mnist_jax import parallel  # pylint: disable=import-outside-toplevel
 
-  parallel.prefer_wide_cpu_vectors()  # As main.py does; the loops inherit it.
+  parallel.set_xla_flags()  # As main.py does; the loops inherit them.
   unknown = sorted(set(_LOOPS.value) - set(_RUNNERS))
   if unknown:
     sys.exit(f"mnist_jax.bench: unknown loops {unknown}; choose from {sorted(_RUNNERS)}")
@@ -298,6 +301,8 @@ def main(argv: list[str]) -> None:
         f"{tuple(config.model_args.hidden_sizes)}, {_REPEATS.value} run(s) each, medians shown")
   print(_table(results, config))
   print(_floor_summary(results, config))
+  devices = {loop: runs[0]["device"] for loop, runs in results.items() if "device" in runs[0]}
+  print("devices: " + ", ".join(f"{loop} on {device}" for loop, device in devices.items()))
 
 
 if __name__ == "__main__":

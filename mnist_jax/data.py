@@ -248,8 +248,25 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
 
 
 def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
-  """How many examples a split holds."""
-  return len(load_split(name, split, data_dir))
+  """How many examples a split holds, counted from its labels alone where they can be read so."""
+  match = _SLICE.match(split)
+  labels = _whole_split_labels(name, match[1], data_dir) if match else None
+  if labels is None:
+    return len(load_split(name, split, data_dir))
+  return len(labels[_rows(match)])
+
+
+def _whole_split_labels(name: str, split: str, data_dir: str | None) -> np.ndarray | None:
+  path = _kept_path(name, f"{split}.npz", data_dir)
+  if path and os.path.exists(path):
+    try:
+      with np.load(path) as kept:
+        return kept["labels"]  # Read alone: the images stay on disk.
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+      return None  # Damaged: `load_split` decodes it again.
+  if name == "mnist" and split in _MNIST_FILES and not have_tensorflow():
+    return _parse_idx(verified_mnist_bytes(_MNIST_FILES[split][1]), "labels")
+  return None
 
 
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
@@ -290,8 +307,11 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
                       "'test' or an index slice of them such as 'train[:54000]'")
     return load_tfds(name, split, data_dir)
   whole = _load_whole_split(name, match[1], data_dir)
-  rows = slice(int(match[2]) if match[2] else None, int(match[3]) if match[3] else None)
-  return Split(whole.images_NHWC[rows], whole.labels_N[rows])
+  return Split(whole.images_NHWC[_rows(match)], whole.labels_N[_rows(match)])
+
+
+def _rows(match: re.Match) -> slice:
+  return slice(int(match[2]) if match[2] else None, int(match[3]) if match[3] else None)
 
 
 def _load_whole_split(name: str, split: str, data_dir: str | None) -> Split:

@@ -139,7 +139,7 @@ def _predict() -> int:
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
-  parallel.prefer_wide_cpu_vectors()
+  parallel.set_xla_flags()
   if _JAX_CACHE_DIR.value:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
     # Our programs compile in under a second, below JAX's default threshold for caching.

@@ -23,7 +23,10 @@ def pytest_configure(config):
   """
   del config
   os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
-  parallel.prefer_wide_cpu_vectors()  # The XLA flags that `main.py` sets.
+  parallel.set_xla_flags()  # As `main.py` does.
+  # On a GPU, the runs that tests start share it with this process: JAX's default of taking 75% of
+  # its memory up front would leave them out-of-memory retries on stderr.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def pytest_unconfigure(config):

@@ -68,6 +68,29 @@ def test_a_damaged_kept_split_is_decoded_again(tmp_path, monkeypatch, mnist_test
     np.testing.assert_array_equal(arrays["labels"], mnist_test.labels_N)
 
 
+def test_num_examples_reads_labels_only_where_kept_or_bundled(monkeypatch, mnist_train, mnist_test):
+  del mnist_train, mnist_test  # Decoded, and so kept, in this session's data dir.
+  counts = {"train": 60_000, "test": 10_000, "train[:54000]": 54_000, "train[54000:]": 6_000}
+
+  def load_split(*args):
+    raise AssertionError(f"decoded a whole split: {args}")
+
+  monkeypatch.setattr(data, "load_split", load_split)
+  assert {split: data.num_examples("mnist", split) for split in counts} == counts
+  monkeypatch.setattr(data, "_kept_path", lambda name, filename, data_dir: None)
+  monkeypatch.setattr(data, "have_tensorflow", lambda: False)
+  assert {split: data.num_examples("mnist", split) for split in counts} == counts
+
+
+def test_num_examples_of_a_damaged_kept_split_decodes_it(tmp_path, monkeypatch):
+  kept = tmp_path / "test.npz"
+  kept.write_bytes(b"not an npz file")
+  monkeypatch.setattr(data, "_kept_path", lambda name, filename, data_dir: str(kept))
+  assert data.num_examples("mnist", "test[:10]") == 10
+  with np.load(kept) as arrays:  # Decoded and kept again.
+    assert len(arrays["labels"]) == 10_000
+
+
 def test_two_runs_preparing_a_fresh_data_dir_at_once_both_load_mnist(tmp_path):
   load = "from mnist_jax import data; print(len(data.load_split('mnist', 'test')))"
   env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path)}

@@ -204,3 +204,13 @@ def test_padding_rows_are_never_drawn_or_counted():
       capture_output=True, text=True, timeout=300, check=False,
   )
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_xla_flags_are_added_to_the_users_and_never_override_them(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"{EIGHT_DEVICES} --xla_gpu_deterministic_ops=false")
+  parallel.set_xla_flags()
+  assert os.environ["XLA_FLAGS"].split() == [
+      EIGHT_DEVICES, "--xla_gpu_deterministic_ops=false", "--xla_cpu_prefer_vector_width=512"]
+  parallel.set_xla_flags()  # Twice changes nothing.
+  assert os.environ["XLA_FLAGS"].split()[-1] == "--xla_cpu_prefer_vector_width=512"
+  assert len(os.environ["XLA_FLAGS"].split()) == 3
