@@ -65,6 +65,17 @@ def test_evaluate_counts_every_test_example(mnist_test):
   np.testing.assert_allclose(float(metrics["accuracy"]), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("model", ["seed_mlp", "cnn"])
+def test_compiled_initial_state_has_the_bits_of_one_built_op_by_op(model):
+  config = load_config(model)
+  state, data_rng = train.initial_state(config, INFO, 100)
+  init_rng, expected_data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  expected = train.create_train_state(config, INFO, init_rng, 100)
+  for leaf, expected_leaf in zip(jax.tree.leaves((state, data_rng)),
+                                 jax.tree.leaves((expected, expected_data_rng)), strict=True):
+    np.testing.assert_array_equal(leaf, expected_leaf)
+
+
 def test_epoch_order_is_a_permutation_drawn_from_the_key():
   orders = [train.epoch_order(jax.random.fold_in(jax.random.PRNGKey(0), e), 1000) for e in (1, 2)]
   for order in orders:
