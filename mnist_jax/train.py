@@ -358,25 +358,30 @@ def seed_rngs(config: ml_collections.ConfigDict) -> jax.Array:
 
 def initial_state(
     config: ml_collections.ConfigDict, info: data.DatasetInfo, steps_per_epoch: int
-) -> tuple[TrainState, jax.Array]:
-  """The state a run starts from, one model per seed, and each seed's key for the data order.
+) -> tuple[TrainState, np.ndarray]:
+  """The state a run starts from, one model per seed, and every epoch's keys for the data order.
 
-  Computed as one compiled program, with the same bits as op by op, where each initializer compiles
-  apart (27 programs for the seed MLP): the seed command starts 0.5-0.7 s sooner on two CPU cores
-  without the compilation cache, 0.1-0.3 s with it.
+  `epoch_rngs[e]` is epoch `e`'s key (`[num_seeds, 2]` with several seeds), for `e` up to
+  `config.num_epochs`. Computed as one compiled program, with the same bits as op by op, where each
+  initializer and key derivation compiles apart (27 programs for the seed MLP; 0.5-0.7 s of the
+  seed command on two CPU cores without the compilation cache, 0.1-0.3 s with it).
   """
 
   @jax.jit
   def initialize():
     rngs = seed_rngs(config)
+    epochs = jnp.arange(config.num_epochs + 1)
     if config.num_seeds == 1:
       init_rng, data_rng = jax.random.split(rngs)
-      return create_train_state(config, info, init_rng, steps_per_epoch), data_rng
+      return (create_train_state(config, info, init_rng, steps_per_epoch),
+              jax.vmap(_epoch_rng, (None, 0))(data_rng, epochs))
     init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
     state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
-    return state.replace(step=state.step[0]), data_rngs  # One step count, as `seed_axes` says.
+    epoch_rngs = jax.vmap(jax.vmap(_epoch_rng, (0, None)), (None, 0))(data_rngs, epochs)
+    return state.replace(step=state.step[0]), epoch_rngs  # One step count, as `seed_axes` says.
 
-  return initialize()
+  state, epoch_rngs = initialize()
+  return state, np.asarray(epoch_rngs)
 
 
 def _record_metrics(prefix: str, metrics: Metrics) -> dict[str, Any]:
@@ -449,9 +454,9 @@ class _Run:
         jitted = jax.jit(fn, donate_argnums=0,
                          in_shardings=(state_sh, batch_sh, batch_sh) + (replicated_sh,) * 2,
                          out_shardings=(state_sh, replicated_sh))
-        epoch_rng = self.epoch_rngs(seed_rngs(config), 0)
-        lowered = jitted.lower(state, *self.arrays[name], epoch_order(epoch_rng, len(examples)),
-                               epoch_rng)
+        epoch_rng = jax.eval_shape(lambda: seed_rngs(config))  # Shapes alone: nothing runs.
+        order = jax.ShapeDtypeStruct((*epoch_rng.shape[:-1], len(examples)), jnp.int32)
+        lowered = jitted.lower(state, *self.arrays[name], order, epoch_rng)
       else:
         fn = vmapped(functools.partial(evaluate, batch_size=config.eval_batch_size,
                                        num_examples=len(examples), **norm),
@@ -461,12 +466,6 @@ class _Run:
         lowered = jitted.lower(state, *self.arrays[name])
       self._compiled[name] = lowered.compile()
       self.compile_times_s[name] = time.perf_counter() - start
-
-  def epoch_rngs(self, data_rngs: jax.Array, epoch: int) -> jax.Array:
-    """Each seed's key for the data order of `epoch`."""
-    if self.config.num_seeds > 1:
-      return jax.vmap(_epoch_rng, (0, None))(data_rngs, epoch)
-    return _epoch_rng(data_rngs, epoch)
 
   def train_epoch(self, state: TrainState, epoch_rng: jax.Array) -> tuple[TrainState, Metrics]:
     if self.config.input_pipeline == "device":
@@ -540,7 +539,7 @@ def _train_and_evaluate(
     raise ConfigError(
         f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
     )
-  state, data_rngs = initial_state(config, info, steps_per_epoch)
+  state, epoch_rngs = initial_state(config, info, steps_per_epoch)
   run = _Run(config, state, splits)
   state = jax.device_put(state, run.state_sharding)
   state, history = ckpts.resume(
@@ -565,7 +564,7 @@ def _train_and_evaluate(
       history, metric, config.early_stopping_patience):
     epoch += 1
     start = time.perf_counter()
-    state, train_metrics = run.train_epoch(state, run.epoch_rngs(data_rngs, epoch))
+    state, train_metrics = run.train_epoch(state, epoch_rngs[epoch])
     train_record = _record_metrics("train", train_metrics)
     epoch_time_s = time.perf_counter() - start
     train_time_s += epoch_time_s

@@ -66,13 +66,14 @@ def test_evaluate_counts_every_test_example(mnist_test):
 
 
 @pytest.mark.parametrize("model", ["seed_mlp", "cnn"])
-def test_compiled_initial_state_has_the_bits_of_one_built_op_by_op(model):
+def test_compiled_initial_state_and_epoch_keys_have_the_bits_of_op_by_op(model):
   config = load_config(model)
-  state, data_rng = train.initial_state(config, INFO, 100)
-  init_rng, expected_data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  state, epoch_rngs = train.initial_state(config, INFO, 100)
+  init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   expected = train.create_train_state(config, INFO, init_rng, 100)
-  for leaf, expected_leaf in zip(jax.tree.leaves((state, data_rng)),
-                                 jax.tree.leaves((expected, expected_data_rng)), strict=True):
+  expected_epoch_rngs = [jax.random.fold_in(data_rng, e) for e in range(config.num_epochs + 1)]
+  for leaf, expected_leaf in zip(jax.tree.leaves((state, list(epoch_rngs))),
+                                 jax.tree.leaves((expected, expected_epoch_rngs)), strict=True):
     np.testing.assert_array_equal(leaf, expected_leaf)
 
 
