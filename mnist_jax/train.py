@@ -467,7 +467,7 @@ class _Run:
       self._compiled[name] = lowered.compile()
       self.compile_times_s[name] = time.perf_counter() - start
 
-  def train_epoch(self, state: TrainState, epoch_rng: jax.Array) -> tuple[TrainState, Metrics]:
+  def train_epoch(self, state: TrainState, epoch_rng: np.ndarray) -> tuple[TrainState, Metrics]:
     if self.config.input_pipeline == "device":
       order = epoch_order(epoch_rng, self.num_train)
       return self._compiled["train"](state, *self.arrays["train"], order, epoch_rng)
