@@ -122,8 +122,12 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
   free = set(RESUMABLE_CHANGES)
   if old.get("lr_schedule") != "constant" or new.get("lr_schedule") != "constant":
     free.discard("num_epochs")
-  return sorted(key for key in old.keys() | new.keys()
-                if key not in free and old.get(key, "<absent>") != new.get(key, "<absent>"))
+  changed = sorted(key for key in old.keys() | new.keys()
+                   if key not in free and old.get(key, "<absent>") != new.get(key, "<absent>"))
+  # Fields that one version of the code has and the other lacks say so: they are no one's edit.
+  return [key if key in old and key in new else
+          f"{key} (not in the saved config)" if key in new else f"{key} (only in the saved config)"
+          for key in changed]
 
 
 def _as_pytree(state: Any) -> dict[str, Any]:

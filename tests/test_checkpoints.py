@@ -150,6 +150,16 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
   assert len(history) == 2
 
 
+def test_fields_that_only_one_version_of_the_config_has_are_named_as_such():
+  config = _config(learning_rate=0.01)
+  saved = checkpoints.config_to_dict(_config())
+  del saved["augment_shift"]  # As a checkpoint from before the field existed.
+  saved["retired_field"] = 1
+  assert checkpoints.config_changes(saved, config) == [
+      "augment_shift (not in the saved config)", "learning_rate",
+      "retired_field (only in the saved config)"]
+
+
 def test_num_epochs_counts_as_a_change_under_a_schedule_over_the_run(tmp_path):
   _save_epochs(tmp_path, _config(lr_schedule="cosine"), [0.1])
   longer = _config(lr_schedule="cosine", num_epochs=20)
