@@ -124,7 +124,7 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
     free.discard("num_epochs")
   changed = sorted(key for key in old.keys() | new.keys()
                    if key not in free and old.get(key, "<absent>") != new.get(key, "<absent>"))
-  # Fields that one version of the code has and the other lacks say so: they are no one's edit.
+  # A field that only one version of the code has is named so: no user edit made it differ.
   return [key if key in old and key in new else
           f"{key} (not in the saved config)" if key in new else f"{key} (only in the saved config)"
           for key in changed]
