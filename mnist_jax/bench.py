@@ -72,9 +72,18 @@ def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
       "compile_s": compile_s,
       "epoch_times_s": epoch_times,
       "test_accuracy": final["test_accuracy"],
-      "device": jax.devices()[0].platform,
+      "device": _jax_device(),
       "device_data_mb": device_data_mb,
   }
+
+
+def _jax_device() -> str:
+  """`cpu`, `gpu` or `tpu`; on GPUs, whether XLA was asked for deterministic ops (slower epochs)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  platform = jax.devices()[0].platform
+  deterministic = "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
+  return f"{platform} (deterministic ops)" if platform == "gpu" and deterministic else platform
 
 
 def _tfdata_only(config) -> dict[str, Any]:
