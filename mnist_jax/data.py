@@ -257,13 +257,9 @@ def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
 
 
 def _whole_split_labels(name: str, split: str, data_dir: str | None) -> np.ndarray | None:
-  path = _kept_path(name, f"{split}.npz", data_dir)
-  if path and os.path.exists(path):
-    try:
-      with np.load(path) as kept:
-        return kept["labels"]  # Read alone: the images stay on disk.
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-      return None  # Damaged: `load_split` decodes it again.
+  kept = _read_kept(name, split, data_dir, "labels")  # Read alone: the images stay on disk.
+  if kept is not None:
+    return kept["labels"]
   if name == "mnist" and split in _MNIST_FILES and not have_tensorflow():
     return _parse_idx(verified_mnist_bytes(_MNIST_FILES[split][1]), "labels")
   return None
@@ -314,15 +310,23 @@ def _rows(match: re.Match) -> slice:
   return slice(int(match[2]) if match[2] else None, int(match[3]) if match[3] else None)
 
 
-def _load_whole_split(name: str, split: str, data_dir: str | None) -> Split:
+def _read_kept(name: str, split: str, data_dir: str | None, *members: str) -> dict | None:
+  """The named arrays of a kept whole split; None where none is kept or it is damaged."""
   path = _kept_path(name, f"{split}.npz", data_dir)
-  if path and os.path.exists(path):
-    try:
-      with np.load(path) as kept:
-        return Split(kept["images"], kept["labels"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-      pass  # Damaged: decoded again below.
-  if have_tensorflow():
+  if not (path and os.path.exists(path)):
+    return None
+  try:
+    with np.load(path) as kept:
+      return {member: kept[member] for member in members}
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    return None
+
+
+def _load_whole_split(name: str, split: str, data_dir: str | None) -> Split:
+  kept = _read_kept(name, split, data_dir, "images", "labels")
+  if kept is not None:
+    return Split(kept["images"], kept["labels"])
+  if have_tensorflow():  # Not kept, or damaged: decoded (again).
     whole = load_tfds(name, split, data_dir)
   elif name == "mnist" and split in _MNIST_FILES:
     whole = load_bundled_mnist(split)
