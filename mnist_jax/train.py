@@ -416,7 +416,8 @@ class _Run:
   def __init__(self, config: ml_collections.ConfigDict, state: TrainState,
                splits: dict[str, str]):
     self.config = config
-    self.splits = splits  # "train", "test" and, with a validation fraction, "val": tfds splits.
+    # "train", "test" and, with a validation fraction, "val": tfds splits; "test" alone to evaluate.
+    self.splits = splits
     self.mesh = mesh = parallel.create_mesh()
     parallel.check_batch_size("config.batch_size", config.batch_size, mesh)
     parallel.check_batch_size("config.eval_batch_size", config.eval_batch_size, mesh)
@@ -430,7 +431,8 @@ class _Run:
                                  out_shardings=(state_sh, replicated_sh))
       self._eval_step = jax.jit(eval_step, in_shardings=(state_sh, batch_sh),
                                 out_shardings=replicated_sh)
-      self.num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)
+      if "train" in splits:
+        self.num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)
       return
 
     norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=batch_sh)
@@ -505,7 +507,8 @@ def evaluate_test_split(
 ) -> dict[str, np.ndarray]:
   """Test loss, accuracy and count of `state`, computed as `train_and_evaluate` reports them:
   scalars, or one value per seed where `config.num_seeds` > 1."""
-  return jax.device_get(_Run(config, state, _splits(config)).evaluate(state))
+  # The test split alone: no training data loaded, no epoch program compiled.
+  return jax.device_get(_Run(config, state, {"test": "test"}).evaluate(state))
 
 
 def train_and_evaluate(
