@@ -11,11 +11,11 @@ Without the shifts (an earlier data order) the same runs gave 99.20%, 99.23%, 99
 
 import ml_collections
 
-from experiments import seed_mlp
+from mnist_jax import configs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = seed_mlp.get_config(arg)
+  config = configs.sibling(__file__, "seed_mlp", arg)
   config.pixel_mean, config.pixel_std = 0.1307, 0.3081
   config.model = "cnn"
   config.model_args = ml_collections.ConfigDict(

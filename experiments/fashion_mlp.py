@@ -14,11 +14,11 @@ on `tfds.testing.mock_data` (tests/test_fashion.py).
 
 import ml_collections
 
-from experiments import mlp_regularized
+from mnist_jax import configs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = mlp_regularized.get_config(arg)
+  config = configs.sibling(__file__, "mlp_regularized", arg)
   config.dataset = "fashion_mnist"
   config.pixel_mean, config.pixel_std = 0.2860, 0.3530
   return config

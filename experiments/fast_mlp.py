@@ -11,11 +11,11 @@ after 0.92 s of training each (0.18 s an epoch; compiling the epoch 0.45 s, 0.1 
 
 import ml_collections
 
-from experiments import seed_mlp
+from mnist_jax import configs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = seed_mlp.get_config(arg)
+  config = configs.sibling(__file__, "seed_mlp", arg)
   config.pixel_mean, config.pixel_std = 0.1307, 0.3081
   config.model_args.hidden_sizes = (256,)
   config.learning_rate = 2e-3

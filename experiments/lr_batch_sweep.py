@@ -18,7 +18,7 @@ import itertools
 
 import ml_collections
 
-from experiments import seed_mlp
+from mnist_jax import configs
 
 _GRIDS = {
     None: dict(learning_rate=(3e-4, 1e-3, 3e-3), batch_size=(32, 128, 512), seed=(0, 1, 2)),
@@ -27,7 +27,7 @@ _GRIDS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = seed_mlp.get_config(arg)
+  config = configs.sibling(__file__, "seed_mlp", arg)
   config.validation_fraction = 0.1  # Points are ranked on train[54000:]; the test set only reports.
   return config
 

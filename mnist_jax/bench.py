@@ -25,8 +25,11 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+_SEED_MLP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "experiments", "seed_mlp.py")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/seed_mlp.py", "The MLP recipe every loop trains.", lock_config=True
+    "config", _SEED_MLP, "The MLP recipe every loop trains (default: the repository's "
+    "experiments/seed_mlp.py).", lock_config=True,
 )
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Runs of each loop; the table shows medians.")
 _QUICK = flags.DEFINE_bool("quick", False, "One epoch of each loop, to check the harness.")
@@ -53,7 +56,7 @@ def _arrays():
 def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mnist_jax import data, train  # pylint: disable=import-outside-toplevel
+  from mnist_jax import data, rundir, train  # pylint: disable=import-outside-toplevel
 
   if _CACHE_DIR.value:  # As main.py's --jax_cache_dir.
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
@@ -62,9 +65,8 @@ def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
   if pipeline == "stream" and not data.have_tensorflow():
     return {"skipped": _NO_TENSORFLOW}
   with tempfile.TemporaryDirectory() as workdir:
-    final = train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      epoch_times = [json.loads(line)["epoch_time_s"] for line in f]
+    _, final = train.train_and_evaluate(config, workdir)
+    epoch_times = [record["epoch_time_s"] for record in rundir.read_history(workdir)]
   device_data_mb = 0.0 if pipeline == "stream" else 70_000 * (28 * 28 + 4) / 2**20
   compile_s = final["compile_times_s"].get("train", 0.0)  # Not the test split's eval program.
   return {

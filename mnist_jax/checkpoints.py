@@ -9,7 +9,7 @@ written by `ocp.CheckpointManager` (atomically: a half-written step is never lis
   config   JSON: the config the state was trained with
   metrics  orbax's own: `{"selection": value, <metric name>: value}`, which picks the best
 
-Retention keeps the newest `config.keep_checkpoints` and the best by `selection_metric(config)`.
+Retention keeps the newest `config.keep_checkpoints` and the best by `metrics.selection_metric`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import math
 import os
 import shutil
@@ -33,13 +32,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-# The one name that ranks checkpoints; a validation split, once there is one, changes it here.
-
-
-def selection_metric(config: ml_collections.ConfigDict) -> str:
-  """What ranks checkpoints, early stopping and sweeps: validation accuracy where a validation
-  split is held out (`config.validation_fraction`), else test accuracy."""
-  return "val_accuracy" if config.get("validation_fraction", 0) else "test_accuracy"
+from mnist_jax import errors, metrics, rundir
 
 # Fields that may differ between a run and its resume because they do not change what is
 # trained. `num_epochs` joins them unless a schedule is stretched over it (see `config_changes`).
@@ -48,7 +41,7 @@ RESUMABLE_CHANGES = ("num_epochs", "data_dir", "checkpoint_every_epochs", "keep_
 _ITEMS = ("state", "meta", "config")
 
 
-class CheckpointError(Exception):
+class CheckpointError(errors.UserError):
   """Checkpoints that cannot be used as asked, with a message that says what to do."""
 
 
@@ -71,7 +64,7 @@ class Restored:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(os.path.abspath(workdir), rundir.CHECKPOINTS)
 
 
 def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
@@ -107,18 +100,13 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as plain JSON values (tuples become lists), as the checkpoint stores it."""
-  return json.loads(config.to_json_best_effort())
-
-
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """Config fields (dotted) whose values differ from `saved` in a way that changes training.
 
   `num_epochs` may rise or fall freely under a constant learning rate; under a schedule that
   spans the whole run (`lr_schedule != "constant"`) it changes every step's rate, so it counts.
   """
-  old, new = _flat(saved), _flat(config_to_dict(config))
+  old, new = _flat(saved), _flat(rundir.config_dict(config))
   free = set(RESUMABLE_CHANGES)
   if old.get("lr_schedule") != "constant" or new.get("lr_schedule") != "constant":
     free.discard("num_epochs")
@@ -210,7 +198,7 @@ def restore(
 def _workdir_lock(workdir: str):
   """Holds an exclusive flock on `<workdir>/train.lock`; the kernel releases it if we die."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "train.lock")
+  path = os.path.join(workdir, rundir.TRAIN_LOCK)
   with open(path, "a+") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,7 +277,7 @@ class TrainingCheckpoints:
     )
     # Newer damaged steps would collide with the steps about to be saved; keep them aside.
     for step in bad_steps:
-      aside = os.path.join(self.workdir, "checkpoints_unreadable", str(step))
+      aside = os.path.join(self.workdir, rundir.UNREADABLE_CHECKPOINTS, str(step))
       os.makedirs(os.path.dirname(aside), exist_ok=True)
       shutil.move(os.path.join(checkpoint_dir(self.workdir), str(step)), aside)
       print(f"mnist_jax: warning: moved unreadable checkpoint {step} to {aside}", file=sys.stderr)
@@ -330,14 +318,14 @@ class TrainingCheckpoints:
       )
 
   def _save(self, state: Any, history: list[dict[str, Any]]) -> None:
-    metric = selection_metric(self.config)
+    metric = metrics.selection_metric(self.config)
     meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history}
     self._manager.save(
         int(state.step),
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(_as_pytree(state)),
             meta=ocp.args.JsonSave(meta),
-            config=ocp.args.JsonSave(config_to_dict(self.config)),
+            config=ocp.args.JsonSave(rundir.config_dict(self.config)),
         ),
         metrics={"selection": history[-1][metric], metric: history[-1][metric]},
     )

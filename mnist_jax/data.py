@@ -23,13 +23,14 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
 import numpy as np
+
+from mnist_jax import errors, rundir
 
 BUNDLED_MNIST = importlib.resources.files("mnist_jax") / "bundled" / "mnist"
 _MNIST_FILES = {
@@ -39,7 +40,7 @@ _MNIST_FILES = {
 _IDX_MAGIC = {"images": 2051, "labels": 2049}
 
 
-class DataError(Exception):
+class DataError(errors.UserError):
   """A dataset that cannot be loaded, with a message that says what to do."""
 
 
@@ -357,19 +358,13 @@ def _kept_path(name: str, filename: str, data_dir: str | None) -> str | None:
 
 
 def _keep(path: str | None, write: Callable[[Any], Any]) -> None:
-  """Writes a file whole or not at all (a unique temporary file, then renamed), so that processes
-  decoding at once do not mix; a directory that refuses writes only costs the next run a decode."""
+  """Writes a file whole or not at all, so that processes decoding at once do not mix; a
+  directory that refuses writes only costs the next run a decode."""
   if path is None:
     return
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:
-      try:
-        write(f)
-      except OSError:
-        os.remove(f.name)
-        raise
-    os.replace(f.name, path)
+    rundir.write_atomic(path, write)
   except OSError:
     pass
 

@@ -11,7 +11,7 @@ import os
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, plots
+from mnist_jax import data, plots, rundir
 
 SPLITS = ("train", "test")
 EXPLORE_FILE = "explore.md"
@@ -78,10 +78,10 @@ def explore(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]
   }
   text = [*shape_lines(splits), "", *count_table(counts, info.class_names)]
   print("\n".join(text))
-  seconds = plots.write_pngs(figures, os.path.join(workdir, "plots"))
+  seconds = plots.write_pngs(figures, os.path.join(workdir, rundir.PLOTS))
   for name, duration in seconds.items():
-    print(f"wrote {os.path.join(workdir, 'plots', name)}.png in {duration:.2f}s")
-  images = "\n\n".join(f"![{name}](plots/{name}.png)" for name in figures)
-  with open(os.path.join(workdir, EXPLORE_FILE), "w") as f:
-    f.write(f"# {info.name}\n\n```\n" + "\n".join(text) + f"\n```\n\n{images}\n")
+    print(f"wrote {os.path.join(workdir, rundir.PLOTS, name)}.png in {duration:.2f}s")
+  images = "\n\n".join(f"![{name}]({rundir.PLOTS}/{name}.png)" for name in figures)
+  rundir.write_text(os.path.join(workdir, EXPLORE_FILE),
+                    f"# {info.name}\n\n```\n" + "\n".join(text) + f"\n```\n\n{images}\n")
   return seconds

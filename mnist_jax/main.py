@@ -7,7 +7,8 @@
   --mode=report   redraw the training report of a finished --workdir (no --config needed)
   --mode=sweep    train every point of the config file's get_sweep() (see sweep.py)
 
-This module owns the flags and nothing else; each mode is a function of a config and a workdir.
+This module owns the flags and nothing else; each mode is a function of a config and a workdir,
+imported when that mode runs (eval and predict load no plotting, TensorBoard or TensorFlow).
 """
 
 import ast
@@ -20,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_jax import checkpoints, data, explore, parallel, predict, reports, sweep, train
+from mnist_jax import errors, parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -56,11 +57,6 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes (--multihost).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 first (--multihost).")
 
-_EXPECTED_ERRORS = (
-    data.DataError, train.ConfigError, train.TrainingError, checkpoints.CheckpointError,
-    predict.ImageError, reports.ReportError, parallel.ParallelError, sweep.SweepError,
-)
-
 
 def _one_line(error: Exception) -> str:
   """The gist of an exception from absl or ml_collections, on one line."""
@@ -92,6 +88,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _train() -> None:
+  from mnist_jax import checkpoints, reports, sweep, train  # pylint: disable=import-outside-toplevel
+
   resume = f"resume with: python -m mnist_jax.main {shlex.join(sys.argv[1:])}"
   try:
     if _MODE.value == "sweep":
@@ -99,9 +97,10 @@ def _train() -> None:
       sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.load_sweep(filename), title=filename,
                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     else:
-      train.train_and_evaluate(
+      state, _ = train.train_and_evaluate(
           _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
       )
+      reports.after_training(_CONFIG.value, _WORKDIR.value, state)
   except checkpoints.Stopped as e:
     print(f"mnist_jax: {e}; {resume}", file=sys.stderr)
     sys.exit(128 + e.signum)
@@ -111,8 +110,10 @@ def _train() -> None:
 
 
 def _eval() -> None:
+  from mnist_jax import pipelines, predict  # pylint: disable=import-outside-toplevel
+
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
-  metrics = train.evaluate_test_split(model.config, model.state)
+  metrics = pipelines.evaluate_test_split(model.config, model.state)
   show = lambda values: repr(values.item()) if values.ndim == 0 else str(values.tolist())  # Seeds.
   print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {show(metrics['loss'])}  "
         f"test_accuracy {show(metrics['accuracy'])}  test_examples {int(metrics['count'].max())}")
@@ -122,6 +123,8 @@ def _predict() -> int:
   """Prints `path  digit  probability` per image; a file that fails is one line on stderr."""
   if not _IMAGES.value:
     sys.exit("mnist_jax: --images is required with --mode=predict, e.g. --images=a.png,b.jpg")
+  from mnist_jax import predict  # pylint: disable=import-outside-toplevel
+
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
   class_names = predict.dataset_info(model.meta).class_names
   failed = 0
@@ -161,10 +164,14 @@ def main(argv: list[str]) -> None:
     elif _MODE.value == "predict":
       sys.exit(_predict())
     elif _MODE.value == "explore":
+      from mnist_jax import explore  # pylint: disable=import-outside-toplevel
+
       explore.explore(_CONFIG.value, _WORKDIR.value)
     else:
+      from mnist_jax import reports  # pylint: disable=import-outside-toplevel
+
       reports.report_workdir(_WORKDIR.value)
-  except _EXPECTED_ERRORS as e:
+  except errors.UserError as e:
     sys.exit(f"mnist_jax: {e}")
 
 

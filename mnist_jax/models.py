@@ -38,7 +38,8 @@ class PatchConv(nn.Module):
   def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
     _, height, width, _ = x_BHWC.shape
     k = self.kernel_size
-    padded = jnp.pad(x_BHWC, ((0, 0), (k // 2, (k - 1) // 2), (k // 2, (k - 1) // 2), (0, 0)))
+    before, after = (k - 1) // 2, k // 2  # As nn.Conv's "SAME", for even sizes too.
+    padded = jnp.pad(x_BHWC, ((0, 0), (before, after), (before, after), (0, 0)))
     patches_BHWP = jnp.concatenate(
         [padded[:, i : i + height, j : j + width, :] for i in range(k) for j in range(k)], -1
     )

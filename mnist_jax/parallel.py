@@ -21,11 +21,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mnist_jax import errors
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
 
-class ParallelError(Exception):
+class ParallelError(errors.UserError):
   """The devices or processes cannot run this config, with a message that says what to change."""
 
 

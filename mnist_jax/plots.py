@@ -137,17 +137,19 @@ def image_with_colorbar(
   return fig
 
 
-def learning_curves(history: dict[str, np.ndarray]) -> Figure:
-  """Train and test loss and accuracy against the epoch, from `metrics.jsonl`'s columns."""
+def learning_curves(history: dict[str, np.ndarray], splits: Sequence[str]) -> Figure:
+  """Loss and accuracy of each of `splits` against the epoch, from `metrics.jsonl`'s columns
+  (`<split>_loss`, `<split>_accuracy`); the title gives the last split's final values."""
   fig = Figure(figsize=(11, 4), layout="constrained")
   epochs = history["epoch"]
+  styles = {"train": "o-", "val": "^:", "test": "s--"}
   for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
-    for split, style in (("train", "o-"), ("test", "s--")):
-      ax.plot(epochs, history[f"{split}_{metric}"], style, label=split)
+    for split in splits:
+      ax.plot(epochs, history[f"{split}_{metric}"], styles.get(split, "d-."), label=split)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_xticks(epochs if len(epochs) <= 20 else ax.get_xticks())
-    ax.set_title(f"{metric}: last test {history[f'test_{metric}'][-1]:.4f}")
+    ax.set_title(f"{metric}: last {splits[-1]} {history[f'{splits[-1]}_{metric}'][-1]:.4f}")
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle("Learning curves")

@@ -10,15 +10,12 @@ drawing of one digit on a plain background, inverting it first when the backgrou
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mnist_jax import checkpoints, data, train
+from mnist_jax import checkpoints, data, errors, steps
 
 MNIST_SIZE = 28
 DIGIT_BOX = 20
@@ -28,7 +25,7 @@ _INK_THRESHOLD = 0.2
 _MIN_CONTRAST = 32.0
 
 
-class ImageError(Exception):
+class ImageError(errors.UserError):
   """An image file or array that cannot be predicted, with a message that says why."""
 
 
@@ -43,7 +40,7 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
   """Restores the model of `workdir`: its "best" checkpoint, the "latest", or a step number."""
 
   def template(config, meta):
-    return train.initial_state(config, dataset_info(meta), meta["steps_per_epoch"])[0]
+    return steps.initial_state(config, dataset_info(meta), meta["steps_per_epoch"])[0]
 
   return checkpoints.restore(workdir, template, checkpoint)
 
@@ -112,15 +109,6 @@ def mnist_like(image: np.ndarray) -> np.ndarray:
   return np.round(canvas).astype(np.uint8)
 
 
-@functools.partial(jax.jit, static_argnames="num_seeds")
-def _softmax_logits(state: train.TrainState, images_NHWC: jax.Array, num_seeds: int) -> jax.Array:
-  apply = lambda params: jax.nn.softmax(
-      state.apply_fn({"params": params}, images_NHWC, train=False))
-  if num_seeds == 1:
-    return apply(state.params)
-  return jnp.mean(jax.vmap(apply)(state.params), axis=0)
-
-
 def probabilities(
     model: checkpoints.Restored, images: Sequence[np.ndarray] | np.ndarray, *, preprocess: bool = True
 ) -> np.ndarray:
@@ -145,4 +133,4 @@ def probabilities(
     images_NHW = np.asarray(images).reshape(-1, MNIST_SIZE, MNIST_SIZE)
   normalized = data.normalize(images_NHW[..., None].astype(np.float32),
                               model.config.pixel_mean, model.config.pixel_std)
-  return np.asarray(_softmax_logits(model.state, normalized, model.config.num_seeds))
+  return np.asarray(steps.ensemble_probabilities(model.state, normalized, model.config.num_seeds))

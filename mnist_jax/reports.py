@@ -1,31 +1,26 @@
 """The training report: where the model is right and where it fails.
 
-At the end of training, `save_predictions` writes the test logits to `<workdir>/predictions.npz`
-(10,000 x 10 floats for MNIST). `write_report` turns that file and `metrics.jsonl` into figures under
+After training, `after_training` writes the test logits to `<workdir>/predictions.npz` (10,000 x 10
+floats for MNIST), then `write_report` turns that file and `metrics.jsonl` into figures under
 `<workdir>/plots/`, TensorBoard images, and `<workdir>/report.md`, so `--mode=report` can redo it
 for a finished workdir without the trained parameters.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, plots, summaries
+from mnist_jax import data, errors, metrics, parallel, plots, rundir, steps, summaries
 
-PREDICTIONS_FILE = "predictions.npz"
-REPORT_FILE = "report.md"
-PLOTS_DIR = "plots"
 NUM_MISTAKES = 25
 
 
-class ReportError(Exception):
+class ReportError(errors.UserError):
   """A workdir that holds no finished run to report on."""
 
 
@@ -33,34 +28,13 @@ class ReportError(Exception):
 # Predictions.
 
 
-def predict_logits(
-    state: Any, images_NHWC: np.ndarray, *, batch_size: int, mean: float, std: float
-) -> np.ndarray:
-  """Logits `[N, num_classes]` of the model in `state` (a Flax TrainState) for uint8 images."""
-
-  @jax.jit
-  def logits(params, images_BHWC):
-    images_BHWC = data.normalize(images_BHWC.astype(jnp.float32), mean, std)
-    return state.apply_fn({"params": params}, images_BHWC, train=False)
-
-  num_examples = len(images_NHWC)
-  padding = -num_examples % batch_size  # One batch shape, so one compilation.
-  images_NHWC = np.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3)
-  batches = [logits(state.params, images_NHWC[i : i + batch_size])
-             for i in range(0, len(images_NHWC), batch_size)]
-  return np.concatenate(jax.device_get(batches))[:num_examples]
-
-
-def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any) -> str:
+def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any) -> None:
   """Writes the test split's logits, labels and class names to `<workdir>/predictions.npz`."""
   info = data.dataset_info(config.dataset, config.data_dir)
   test = data.load_split(config.dataset, "test", config.data_dir)
-  logits_NC = predict_logits(state, test.images_NHWC, batch_size=config.eval_batch_size,
-                             mean=config.pixel_mean, std=config.pixel_std)
-  path = os.path.join(workdir, PREDICTIONS_FILE)
-  np.savez_compressed(path, logits_NC=logits_NC.astype(np.float32), labels_N=test.labels_N,
-                      class_names=np.array(info.class_names))
-  return path
+  logits_NC = steps.logits(state, test.images_NHWC, batch_size=config.eval_batch_size,
+                           mean=config.pixel_mean, std=config.pixel_std)
+  rundir.write_predictions(workdir, logits_NC, test.labels_N, info.class_names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,32 +68,10 @@ def most_confident_mistakes(probs_NC: np.ndarray, labels_N: np.ndarray, k: int) 
   return wrong[np.argsort(-confidence, kind="stable")[:k]]
 
 
-def load_history(workdir: str) -> dict[str, np.ndarray]:
-  """`metrics.jsonl` as one array per field."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  try:
-    with open(path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-  except (OSError, json.JSONDecodeError) as e:
-    raise ReportError(f"cannot read {path} ({e}); is {workdir} a training run's workdir?") from e
-  if not records:
-    raise ReportError(f"{path} holds no epoch; the run trained for zero epochs")
-  return {field: np.array([r.get(field, np.nan) for r in records]) for field in records[0]}
-
-
-def _load_run(workdir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  path = os.path.join(workdir, PREDICTIONS_FILE)
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = json.load(f)
-    with np.load(path) as saved:
-      predictions = {name: saved[name] for name in ("logits_NC", "labels_N", "class_names")}
-  except (OSError, ValueError, KeyError) as e:
-    raise ReportError(
-        f"cannot read the finished run in {workdir} ({e}); training writes config.json and "
-        f"{PREDICTIONS_FILE} at its end, so train to the end first"
-    ) from e
-  return config, predictions
+def history_columns(history: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """Epoch records as one array per field of the first (NaN where a later record lacks it)."""
+  return {field: np.array([record.get(field, np.nan) for record in history])
+          for field in history[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,11 +105,9 @@ def _report_markdown(workdir, config, history, counts_CC, class_names, test_loss
   recall_C, precision_C = recall_and_precision(counts_CC)
   num_examples = int(counts_CC.sum())
   correct = int(np.trace(counts_CC))
-  epochs = [
-      [int(e), f"{tl:.4f}", f"{ta:.4f}", f"{vl:.4f}", f"{va:.4f}", f"{t:.2f}"]
-      for e, tl, ta, vl, va, t in zip(*(history[k] for k in (
-          "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s")))
-  ]
+  columns = metrics.table_columns(history)
+  epochs = [[f"{history[field][i]:{spec}}" for _, field, spec in columns]
+            for i in range(len(history["epoch"]))]
   confusion = [
       [f"**{name}**", *counts_CC[i].tolist(), int(counts_CC[i].sum()), f"{recall_C[i]:.2%}"]
       for i, name in enumerate(class_names)
@@ -179,27 +129,26 @@ seed {config.get('seed')}
 {_seeds_section(history, config)}
 ## Learning curves
 
-![learning curves]({PLOTS_DIR}/learning_curves.png)
+![learning curves]({rundir.PLOTS}/learning_curves.png)
 
-{_markdown_table(["epoch", "train loss", "train accuracy", "test loss", "test accuracy",
-                  "epoch time (s)"], epochs)}
+{_markdown_table([header for header, _, _ in columns], epochs)}
 
 ## The first 25 test images: prediction / truth
 
-![test predictions]({PLOTS_DIR}/test_predictions.png)
+![test predictions]({rundir.PLOTS}/test_predictions.png)
 
 ## Confusion matrix
 
 Rows: true class; columns: predicted class.
 
-![confusion matrix]({PLOTS_DIR}/confusion_matrix.png)
+![confusion matrix]({rundir.PLOTS}/confusion_matrix.png)
 
 {_markdown_table(["true (row), predicted (column)", *class_names, "examples", "recall"],
                   confusion)}
 
 ## The {len(mistakes)} most confident mistakes
 
-![most confident mistakes]({PLOTS_DIR}/confident_mistakes.png)
+![most confident mistakes]({rundir.PLOTS}/confident_mistakes.png)
 
 Test index: position in the test split as tfds orders it.
 
@@ -213,14 +162,18 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
   Reads `config.json`, `metrics.jsonl` and `predictions.npz`; the test images come from the
   dataset named in `config.json`. Returns the seconds each figure took to draw and save.
   """
-  config, predictions = _load_run(workdir)
-  history = load_history(workdir)
+  try:
+    config, predictions = rundir.read_config(workdir), rundir.read_predictions(workdir)
+    history = history_columns(rundir.read_history(workdir))
+  except rundir.RunFileError as e:
+    raise ReportError(f"{e}; training writes the files of a report at its end, so train to the "
+                      "end first") from None
   logits_NC, labels_N = predictions["logits_NC"], predictions["labels_N"]
-  class_names = [str(name) for name in predictions["class_names"]]
+  class_names = predictions["class_names"]
   test = data.load_split(config["dataset"], "test", config.get("data_dir"))
   if not np.array_equal(test.labels_N, labels_N):
     raise ReportError(f"the test labels of {config['dataset']} differ from those in "
-                      f"{PREDICTIONS_FILE}; the dataset changed since training")
+                      f"{rundir.PREDICTIONS}; the dataset changed since training")
   log_probs_NC = log_softmax(logits_NC.astype(np.float64))
   probs_NC = np.exp(log_probs_NC)
   predicted_N = logits_NC.argmax(axis=1)
@@ -235,7 +188,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
 
   first = np.arange(min(25, len(labels_N)))
   figures = {
-      "learning_curves": lambda: plots.learning_curves(history),
+      "learning_curves": lambda: plots.learning_curves(history, metrics.splits_in(history)),
       "test_predictions": lambda: plots.image_grid(
           test.images_NHWC[first], captions(first), "First test images: prediction / truth",
           [plots.RIGHT_COLOR if predicted_N[i] == labels_N[i] else plots.WRONG_COLOR
@@ -249,13 +202,12 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
           [plots.WRONG_COLOR] * len(mistakes)),
   }
-  plot_dir = os.path.join(workdir, PLOTS_DIR)
+  plot_dir = os.path.join(workdir, rundir.PLOTS)
   seconds = plots.write_pngs(figures, plot_dir)
   mistake_rows = [[int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{p:.4f}"]
                   for i, p in zip(mistakes, mistake_probs)]
-  with open(os.path.join(workdir, REPORT_FILE), "w") as f:
-    f.write(_report_markdown(workdir, config, history, counts_CC, class_names, test_loss,
-                             mistake_rows))
+  rundir.write_text(os.path.join(workdir, rundir.REPORT), _report_markdown(
+      workdir, config, history, counts_CC, class_names, test_loss, mistake_rows))
   if writer is not None:
     writer.pngs(int(history["step"][-1]),
                 {f"report/{name}": os.path.join(plot_dir, f"{name}.png") for name in figures})
@@ -264,19 +216,28 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
 
 def report_workdir(workdir: str) -> dict[str, float]:
   """`--mode=report`: redraws the report of a finished run from the files in its workdir."""
-  seconds = write_report(workdir, summaries.Writer(os.path.join(workdir, "tensorboard")))
+  if not os.path.isdir(workdir):
+    raise ReportError(f"{workdir} is not a directory; give the --workdir of a finished run")
+  seconds = write_report(workdir, summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD)))
   print(_written_line(workdir, seconds))
   return seconds
 
 
-def after_training(
-    config: ml_collections.ConfigDict, workdir: str, state: Any, writer: summaries.Writer
-) -> None:
-  """The end of a training run: its predictions, then its report."""
-  save_predictions(config, workdir, state)
-  print(_written_line(workdir, write_report(workdir, writer)), flush=True)
+def after_training(config: ml_collections.ConfigDict, workdir: str, state: Any) -> None:
+  """The end of a training run, on the process that writes: predictions, report, TensorBoard
+  images. A failure is a warning: the metrics are already saved."""
+  if not parallel.is_main_process():
+    return
+  model = steps.first_seed(state) if config.num_seeds > 1 else state
+  try:
+    save_predictions(config, workdir, parallel.local_copy(model))
+    writer = summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD))
+    print(_written_line(workdir, write_report(workdir, writer)), flush=True)
+  except Exception as e:  # pylint: disable=broad-except  # A report only looks at the run.
+    print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
+          f"{workdir}", file=sys.stderr)
 
 
 def _written_line(workdir: str, seconds: dict[str, float]) -> str:
-  return (f"report: {os.path.join(workdir, REPORT_FILE)} ({len(seconds)} figures in "
+  return (f"report: {os.path.join(workdir, rundir.REPORT)} ({len(seconds)} figures in "
           f"{sum(seconds.values()):.2f}s, slowest {max(seconds.values()):.2f}s)")

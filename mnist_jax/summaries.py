@@ -15,7 +15,6 @@ import os
 import socket
 import sys
 import time
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,17 +23,6 @@ from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
-
-# TensorBoard tag -> field of an epoch's record in `metrics.jsonl`.
-EPOCH_SCALARS = {
-    "train/loss": "train_loss",
-    "train/accuracy": "train_accuracy",
-    "test/loss": "test_loss",
-    "test/accuracy": "test_accuracy",
-    "learning_rate": "learning_rate",
-    "epoch_time_s": "epoch_time_s",
-    "examples_per_s": "examples_per_s",
-}
 
 _FILE_NUMBERS = itertools.count()
 
@@ -77,11 +65,8 @@ class Writer:
     self._write(event_pb2.Event(wall_time=time.time(), step=step,
                                 summary=summary_pb2.Summary(value=values)))
 
-  def write_epoch(self, record: dict[str, Any]) -> None:
-    """The `EPOCH_SCALARS` of one epoch's record, at its training step."""
-    self.scalars(record["step"], {tag: record[field] for tag, field in EPOCH_SCALARS.items()})
-
   def scalars(self, step: int, values: dict[str, float]) -> None:
+    """Each value under its tag (`metrics.scalars` names an epoch's), at `step`."""
     metadata = scalar_metadata.create_summary_metadata(display_name=None, description=None)
     self._summary(step, [
         summary_pb2.Summary.Value(

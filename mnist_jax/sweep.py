@@ -8,11 +8,11 @@ An experiment file that defines `get_sweep(arg=None)` can be swept:
 `get_config(arg)` (after any `--config.*` flags). Overrides that differ only in `seed` are the
 seeds of one point. Each seed of a point trains with `train.train_and_evaluate` into
 `<workdir>/<point>/seed_<seed>/`, where `<point>` is made from the overrides, e.g.
-`learning_rate=0.001,batch_size=32`. A seed whose `final_metrics.json` is newer than its
-`config.json`, itself the same config, is not trained again; any other resumes from its
-checkpoints. After each point,
-`<workdir>/sweep_summary.md` and `sweep_summary.csv` rank the finished points by
-`checkpoints.selection_metric(config)`, mean and standard deviation over seeds. With
+`learning_rate=0.001,batch_size=32`, and then draws its report. A seed whose
+`final_metrics.json` is newer than its `config.json`, itself the same config, is not trained again;
+any other resumes from its checkpoints. After each point, `<workdir>/sweep_summary.md` and
+`sweep_summary.csv` rank the finished points by `metrics.selection_metric(config)`, mean and
+standard deviation over seeds, with a column for every evaluated split's accuracy. With
 `config.num_seeds` > 1 each run trains several seeds at once and every one of them counts.
 """
 
@@ -21,8 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import importlib.util
-import json
+import io
 import math
 import os
 import re
@@ -32,15 +31,16 @@ from typing import Any
 
 import ml_collections
 
-from mnist_jax import checkpoints, parallel, train
+from mnist_jax import configs, errors, metrics, parallel, reports, rundir, train
 
 Overrides = dict[str, Any]
 
+SUMMARY_MD, SUMMARY_CSV = "sweep_summary.md", "sweep_summary.csv"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 _MAX_NAME = 120
 
 
-class SweepError(Exception):
+class SweepError(errors.UserError):
   """A sweep that cannot run as written, with a message that says which point and why."""
 
 
@@ -56,9 +56,7 @@ class Point:
 def load_sweep(config_filename: str) -> list[Overrides]:
   """The overrides of `get_sweep(arg)` in `path[:arg]`, as given to `--config`."""
   path, *args = config_filename.split(":", 1)
-  spec = importlib.util.spec_from_file_location("mnist_jax_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = configs.load_module(path)
   if not callable(getattr(module, "get_sweep", None)):
     raise SweepError(f"{path} defines no get_sweep(arg=None), which --mode=sweep needs")
   try:
@@ -114,8 +112,8 @@ def point_config(
     except TypeError as e:
       raise SweepError(f"the sweep sets config.{key} to {value!r}: {e}") from e
   try:
-    train.validate_config(result)
-  except train.ConfigError as e:
+    configs.validate(result)
+  except configs.ConfigError as e:
     raise SweepError(f"sweep point {point_name(overrides)}: {e}") from e
   return result
 
@@ -126,13 +124,11 @@ def _is_finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
   Training writes `config.json` when it starts and `final_metrics.json` when it ends, so older
   final metrics beside a newer config are those of an earlier, shorter run.
   """
-  config_path = os.path.join(run_dir, "config.json")
-  final_path = os.path.join(run_dir, "final_metrics.json")
   try:
-    with open(config_path) as f:
-      same_config = json.load(f) == json.loads(config.to_json_best_effort())
-    return same_config and os.path.getmtime(final_path) >= os.path.getmtime(config_path)
-  except (OSError, ValueError):
+    same_config = rundir.read_config(run_dir) == rundir.config_dict(config)
+    return same_config and (os.path.getmtime(os.path.join(run_dir, rundir.FINAL_METRICS))
+                            >= os.path.getmtime(os.path.join(run_dir, rundir.CONFIG)))
+  except (OSError, rundir.RunFileError):
     return False
 
 
@@ -145,11 +141,10 @@ def seed_results(point_dir: str, seeds: Sequence[int]) -> list[dict[str, Any]] |
   """
   results = []
   for seed in seeds:
-    try:
-      with open(os.path.join(point_dir, f"seed_{seed}", "final_metrics.json")) as f:
-        final = json.load(f)
-    except FileNotFoundError:
+    run_dir = os.path.join(point_dir, f"seed_{seed}")
+    if not os.path.exists(os.path.join(run_dir, rundir.FINAL_METRICS)):
       return None
+    final = rundir.read_final(run_dir)
     per_seed = {key[:-len("_per_seed")]: values for key, values in final.items()
                 if key.endswith("_per_seed")}
     num_models = len(next(iter(per_seed.values()), [None]))
@@ -168,39 +163,38 @@ def aggregate(results: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
   return row
 
 
-def _metric_names(metric: str) -> list[str]:
-  return list(dict.fromkeys([metric, "test_accuracy", "train_time_s"]))
-
-
-def summary_rows(workdir: str, points: Sequence[Point], metric: str) -> list[dict[str, Any]]:
-  """One row per finished point, best `metric` first."""
-  rows = []
+def summary_rows(workdir: str, points: Sequence[Point], metric: str
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+  """One row per finished point, best `metric` first, and the accuracies the rows hold."""
+  rows, accuracies = [], [metric]
   for point in points:
     results = seed_results(os.path.join(workdir, point.name), point.seeds)
     if results is not None:
+      accuracies = metrics.ranking_fields(results)
       rows.append({"point": point.name, **point.overrides, "seeds": len(results),
-                   **aggregate(results, _metric_names(metric))})
-  return sorted(rows, key=lambda row: (-row[f"{metric}_mean"], row["point"]))
+                   **aggregate(results, [*accuracies, "train_time_s"])})
+  return sorted(rows, key=lambda row: (-row[f"{metric}_mean"], row["point"])), accuracies
 
 
 def write_summary(
-    workdir: str, points: Sequence[Point], rows: Sequence[dict[str, Any]], metric: str, title: str
+    workdir: str, points: Sequence[Point], rows: Sequence[dict[str, Any]], metric: str,
+    accuracies: Sequence[str], title: str,
 ) -> None:
   """`sweep_summary.csv` (every number) and `sweep_summary.md` (a ranked table) in `workdir`."""
   fields = list(dict.fromkeys(key for point in points for key in point.overrides))
   columns = ["point", *fields, "seeds"] + [
-      f"{name}_{stat}" for name in _metric_names(metric) for stat in ("mean", "std")
+      f"{name}_{stat}" for name in [*accuracies, "train_time_s"] for stat in ("mean", "std")
   ]
-  with open(os.path.join(workdir, "sweep_summary.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO()
+  writer = csv.DictWriter(table, columns, restval="")
+  writer.writeheader()
+  writer.writerows(rows)
+  rundir.write_text(os.path.join(workdir, SUMMARY_CSV), table.getvalue())
 
   def cell(row, name, scale=100, digits=2):
     mean, std = row[f"{name}_mean"] * scale, row[f"{name}_std"] * scale
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-  accuracies = _metric_names(metric)[:-1]
   lines = [
       f"# Sweep: {title}",
       "",
@@ -220,8 +214,7 @@ def write_summary(
     values += [cell(row, name) for name in accuracies]
     values += [cell(row, "train_time_s", scale=1, digits=1), str(row["seeds"])]
     lines.append(f"| {rank} | " + " | ".join(values) + " |")
-  with open(os.path.join(workdir, "sweep_summary.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  rundir.write_text(os.path.join(workdir, SUMMARY_MD), "\n".join(lines) + "\n")
 
 
 def run_sweep(
@@ -237,27 +230,28 @@ def run_sweep(
   Every point's config is checked before anything trains, so a bad point fails at once.
   """
   points = group_points(sweep, config.seed)
-  configs = {
+  point_configs = {
       (point.name, seed): point_config(config, {**point.overrides, "seed": seed})
       for point in points for seed in point.seeds
   }
-  metric = checkpoints.selection_metric(config)
+  metric = metrics.selection_metric(config)
   os.makedirs(workdir, exist_ok=True)
   for number, point in enumerate(points, 1):
     for seed in point.seeds:
       run_dir = os.path.join(workdir, point.name, f"seed_{seed}")
-      if _is_finished(run_dir, configs[point.name, seed]):
+      if _is_finished(run_dir, point_configs[point.name, seed]):
         print(f"sweep: point {number}/{len(points)} {point.name} seed {seed}: finished, skipped",
               flush=True)
         continue
       print(f"sweep: point {number}/{len(points)} {point.name} seed {seed} -> {run_dir}",
             flush=True)
-      train.train_and_evaluate(
-          configs[point.name, seed], run_dir, allow_config_change=allow_config_change
+      state, _ = train.train_and_evaluate(
+          point_configs[point.name, seed], run_dir, allow_config_change=allow_config_change
       )
-    rows = summary_rows(workdir, points, metric)
+      reports.after_training(point_configs[point.name, seed], run_dir, state)
+    rows, accuracies = summary_rows(workdir, points, metric)
     if parallel.is_main_process():  # Which alone writes the runs' final metrics.
-      write_summary(workdir, points, rows, metric, title or workdir)
-  print(f"sweep: {len(points)} points; summary in {os.path.join(workdir, 'sweep_summary.md')}",
+      write_summary(workdir, points, rows, metric, accuracies, title or workdir)
+  print(f"sweep: {len(points)} points; summary in {os.path.join(workdir, SUMMARY_MD)}",
         flush=True)
   return rows

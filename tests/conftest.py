@@ -1,16 +1,18 @@
 """Shared fixtures: one tfds data dir for the whole session, prepared from the bundled MNIST."""
 
-import importlib.util
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import ml_collections
 import pytest
 
-from mnist_jax import data, parallel
+from mnist_jax import configs, data, parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +54,37 @@ def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
   )
 
 
+def main_in_process(*args: str) -> subprocess.CompletedProcess:
+  """`python -m mnist_jax.main ARGS` run in this process, for what ends before any training: exit
+  status, stdout and stderr as the command would give them. Flags are restored afterwards."""
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+
+  from mnist_jax import main  # pylint: disable=import-outside-toplevel
+
+  # No compilation cache: it would stay on for the rest of the test process.
+  argv = ["mnist_jax.main", *args, "--jax_cache_dir="]
+  stdout, stderr = io.StringIO(), io.StringIO()
+  returncode = 0
+  with (flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv),  # config_flags reads sys.argv.
+        contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr)):
+    try:
+      main.main(main._parse_flags(argv))  # pylint: disable=protected-access
+    except SystemExit as e:
+      if isinstance(e.code, str):  # As Python prints it.
+        print(e.code, file=stderr)
+      returncode = e.code if isinstance(e.code, int) else 1
+  return subprocess.CompletedProcess(args, returncode, stdout.getvalue(), stderr.getvalue())
+
+
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`experiments/<name>.py`'s `get_config(arg)`, as `--config=experiments/<name>.py:arg` gives."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configs.load_module(os.path.join(REPO, "experiments", f"{name}.py")).get_config(arg)
+
+
+def train_and_report(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains as `--mode=train` does, the loop and then the report; returns the final metrics."""
+  from mnist_jax import reports, train  # pylint: disable=import-outside-toplevel
+
+  state, final = train.train_and_evaluate(config, str(workdir))
+  reports.after_training(config, str(workdir), state)
+  return final

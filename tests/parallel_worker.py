@@ -15,15 +15,16 @@ from mnist_jax import main, train
 
 
 def train_keeping_state(run_training, *args, **kwargs):
-  """Calls `run_training(*args, **kwargs)` and returns its result and the last epoch's state."""
-  original = train._Run.train_epoch  # pylint: disable=protected-access
+  """Calls `run_training(*args, **kwargs)`, which trains through `train.train_and_evaluate`;
+  returns its result and the state that training ended with."""
+  original = train.train_and_evaluate
   last = {}
 
-  def recording(run, state, epoch_rng):
-    last["state"], metrics = original(run, state, epoch_rng)
-    return last["state"], metrics
+  def recording(*train_args, **train_kwargs):
+    last["state"], final = original(*train_args, **train_kwargs)
+    return last["state"], final
 
-  with mock.patch.object(train._Run, "train_epoch", recording):  # pylint: disable=protected-access
+  with mock.patch.object(train, "train_and_evaluate", recording):
     result = run_training(*args, **kwargs)
   return result, last["state"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from mnist_jax import augment, data, train
+from mnist_jax import augment, configs, data, steps
 
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
 AUG = augment.Augmentation(shift=2, rotate_degrees=10.0, scale=0.1)
@@ -76,10 +76,10 @@ def test_augmented_cnn_trains_and_its_epochs_are_reproducible(mnist_train):
   images = jnp.asarray(mnist_train.images_NHWC[:1024])
   labels = jnp.asarray(mnist_train.labels_N[:1024])
   compiled = jax.jit(functools.partial(
-      train.train_epoch, batch_size=128, mean=config.pixel_mean, std=config.pixel_std,
+      steps.train_epoch, batch_size=128, mean=config.pixel_mean, std=config.pixel_std,
       augmentation=augment.Augmentation.from_config(config)))
-  epoch = lambda state, rng: compiled(state, images, labels, train.epoch_order(rng, 1024), rng)
-  init = train.create_train_state(config, INFO, jax.random.PRNGKey(0), steps_per_epoch=8)
+  epoch = lambda state, rng: compiled(state, images, labels, steps.epoch_order(rng, 1024), rng)
+  init = steps.create_train_state(config, INFO, jax.random.PRNGKey(0), steps_per_epoch=8)
   state, losses = init, []
   for e in range(4):
     state, metrics = epoch(state, jax.random.PRNGKey(e))
@@ -93,9 +93,9 @@ def test_augmented_cnn_trains_and_its_epochs_are_reproducible(mnist_train):
 def test_augmentation_is_refused_for_the_stream_pipeline_and_negative_values():
   config = load_config("cnn_best", "smoke")
   config.input_pipeline = "stream"
-  with pytest.raises(train.ConfigError, match="augment.*input_pipeline='device'"):
-    train.validate_config(config)
+  with pytest.raises(configs.ConfigError, match="augment.*input_pipeline='device'"):
+    configs.validate(config)
   config = load_config("cnn_best", "smoke")
   config.augment_shift = -1
-  with pytest.raises(train.ConfigError, match="augment_shift must be >= 0"):
-    train.validate_config(config)
+  with pytest.raises(configs.ConfigError, match=r"augment_shift must be a whole number in \[0, 16\], got -1"):
+    configs.validate(config)

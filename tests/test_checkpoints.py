@@ -1,6 +1,7 @@
 """Saving, retention, fallback from damaged checkpoints, config checks and the workdir lock."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import load_config, run_main
-from mnist_jax import checkpoints, data, predict, train
+from conftest import REPO, load_config, run_main
+from mnist_jax import checkpoints, data, pipelines, predict, rundir, steps, train
 
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
 META = {"steps_per_epoch": 100, "dataset": {"name": "mnist", "image_shape": [28, 28, 1],
@@ -24,7 +25,7 @@ def _config(**changes):
 
 
 def _fresh_state(config):
-  return train.create_train_state(config, INFO, jax.random.PRNGKey(config.seed), 100)
+  return steps.create_train_state(config, INFO, jax.random.PRNGKey(config.seed), 100)
 
 
 def _save_epochs(workdir, config, accuracies):
@@ -50,7 +51,7 @@ def test_save_then_resume_restores_every_leaf_bitwise(tmp_path, mnist_train):
   batch = {"image": data.normalize(mnist_train.images_NHWC[:64].astype(np.float32), 0.0, 1.0),
            "label": mnist_train.labels_N[:64]}
   for _ in range(3):  # Adam's moments and count become non-trivial.
-    state, _ = jax.jit(train.train_step)(state, batch)
+    state, _ = jax.jit(steps.train_step)(state, batch)
   history = [{"epoch": 1, "test_accuracy": 0.5, "epoch_time_s": 1.0}]
   with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
     ckpts.resume(_fresh_state(config), META)
@@ -72,7 +73,7 @@ def test_save_then_resume_restores_every_leaf_bitwise(tmp_path, mnist_train):
   jax.tree.map(np.testing.assert_array_equal, plain["params"], jax.device_get(state.params))
 
   model = predict.load(str(tmp_path), "latest")
-  assert checkpoints.config_to_dict(model.config) == checkpoints.config_to_dict(config)
+  assert rundir.config_dict(model.config) == rundir.config_dict(config)
   assert model.meta["epoch"] == 1
   jax.tree.map(np.testing.assert_array_equal, model.state.params, state.params)
 
@@ -152,7 +153,7 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
 
 def test_fields_that_only_one_version_of_the_config_has_are_named_as_such():
   config = _config(learning_rate=0.01)
-  saved = checkpoints.config_to_dict(_config())
+  saved = rundir.config_dict(_config())
   del saved["augment_shift"]  # As a checkpoint from before the field existed.
   saved["retired_field"] = 1
   assert checkpoints.config_changes(saved, config) == [
@@ -179,3 +180,25 @@ def test_a_second_training_run_in_the_same_workdir_refuses(tmp_path):
   assert len(lines) == 1 and lines[0].startswith("mnist_jax: "), result.stderr
   assert f"pid {os.getpid()} holds" in lines[0]
   assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_a_run_saved_by_version_0_1_0_evaluates_and_resumes(tmp_path):
+  """`tests/data/run_0.1.0`: the checkpoints of 2 epochs of a 784-8-10 MLP (seed_mlp:smoke), saved
+  by the code before its steps, pipelines and run files moved into modules of their own."""
+  workdir = tmp_path / "run"
+  shutil.copytree(os.path.join(REPO, "tests", "data", "run_0.1.0"), workdir)
+  model = predict.load(str(workdir), "latest")
+  assert (model.step, model.meta["epoch"], list(model.config.model_args.hidden_sizes)) == (936, 2, [8])
+  saved = model.meta["history"][-1]
+  metrics = pipelines.evaluate_test_split(model.config, model.state)
+  # Other CPUs round differently: at most a few of the 10,000 examples may change sides.
+  assert abs(float(metrics["accuracy"]) - saved["test_accuracy"]) <= 3e-4
+  np.testing.assert_allclose(float(metrics["loss"]), saved["test_loss"], rtol=1e-3)
+
+  config = model.config.copy_and_resolve_references()
+  config.num_epochs = 3
+  _, final = train.train_and_evaluate(config, str(workdir))
+  history = rundir.read_history(str(workdir))
+  assert [record["epoch"] for record in history] == [1, 2, 3]
+  assert history[:2] == model.meta["history"]
+  assert final["step"] == 3 * 468 and final["test_accuracy"] > saved["test_accuracy"] - 0.01

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
-from mnist_jax import data, train
+from conftest import load_config, train_and_report
+from mnist_jax import data, steps, train
 
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
 
@@ -16,13 +16,13 @@ INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
 @pytest.mark.parametrize("experiment", ["cnn", "mlp_regularized", "fast_mlp"])
 def test_each_experiment_model_lowers_its_loss_on_a_fixed_batch(mnist_train, experiment):
   config = load_config(experiment)
-  state = train.create_train_state(config, INFO, jax.random.PRNGKey(0), steps_per_epoch=100)
+  state = steps.create_train_state(config, INFO, jax.random.PRNGKey(0), steps_per_epoch=100)
   batch = {
       "image": jnp.asarray(data.normalize(mnist_train.images_NHWC[:128].astype(np.float32),
                                           config.pixel_mean, config.pixel_std)),
       "label": jnp.asarray(mnist_train.labels_N[:128]),
   }
-  step = jax.jit(train.train_step)
+  step = jax.jit(steps.train_step)
   losses = []
   for _ in range(15):
     state, metrics = step(state, batch)
@@ -52,7 +52,7 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.num_epochs, config.validation_fraction, config.early_stopping_patience = 5, 0.1, 1
   config.learning_rate = 1e-12  # The model cannot improve, so the first epoch stays the best.
-  final = train.train_and_evaluate(config, str(tmp_path))
+  _, final = train.train_and_evaluate(config, str(tmp_path))
   assert final["stopped_early"] and final["epoch"] == 2
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in records] == [1, 2]
@@ -62,11 +62,11 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
 def test_vmapped_seeds_match_the_same_seeds_trained_one_by_one(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.num_seeds = 2
-  together = train.train_and_evaluate(config, str(tmp_path / "together"))
+  together = train_and_report(config, tmp_path / "together")
   config.num_seeds = 1
   for seed in (0, 1):
     config.seed = seed
-    alone = train.train_and_evaluate(config, str(tmp_path / f"seed{seed}"))
+    _, alone = train.train_and_evaluate(config, str(tmp_path / f"seed{seed}"))
     for key in ("train_loss", "test_loss", "test_accuracy"):
       np.testing.assert_allclose(together[f"{key}_per_seed"][seed], alone[key], rtol=1e-4)
   assert together["test_accuracy"] == pytest.approx(np.mean(together["test_accuracy_per_seed"]))

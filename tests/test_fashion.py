@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import load_config, run_main
-from mnist_jax import train
+from conftest import load_config, run_main, train_and_report
+
 
 NUM_EXAMPLES = 512
 
@@ -39,7 +39,7 @@ def test_fashion_configs_train_on_mocked_fashion_mnist(tmp_path, mock_fashion_mn
   assert config.dataset == "fashion_mnist" and config.num_epochs == 1
   config.num_epochs = 3  # Three epochs of 4 steps: enough for the loss to fall on 512 examples.
   config.lock()
-  final = train.train_and_evaluate(config, str(tmp_path / "run"))
+  final = train_and_report(config, tmp_path / "run")
 
   history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
   losses = [record["train_loss"] for record in history]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_main
+from conftest import main_in_process, run_main
 
 
 def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
@@ -34,15 +34,15 @@ def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
         (["--config=experiments/seed_mlp.py", "--config.dataset=kmnist"],
          "cannot be downloaded here"),
         (["--config=experiments/seed_mlp.py", "--config.batch_size=0"],
-         "config.batch_size must be positive"),
+         "config.batch_size must be a whole number in [1, 1,048,576], got 0"),
         (["--config=experiments/seed_mlp.py", "--config.num_epochs=-1"],
-         "config.num_epochs must be >= 0"),
+         "config.num_epochs must be a whole number in [0, 100,000], got -1"),
         (["--config=experiments/seed_mlp.py:huge"], "unknown variant 'huge'"),
         (["--workdir_typo=x"], "Unknown command line flag 'workdir_typo'"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):
-  result = run_main(*args, f"--workdir={tmp_path / 'run'}")
+  result = main_in_process(*args, f"--workdir={tmp_path / 'run'}")
   assert result.returncode != 0
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, result.stderr

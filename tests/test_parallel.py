@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config, run_main
-from mnist_jax import data, parallel, predict, train
-from parallel_worker import local_params, train_keeping_state
+from mnist_jax import data, parallel, predict, steps, train
+from parallel_worker import local_params
 
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 
@@ -28,7 +28,7 @@ def _one_device_params(tmp_path, num_epochs):
   """The smoke config trained here, in this single-device process."""
   config = load_config("seed_mlp", "smoke")
   config.num_epochs = num_epochs
-  _, state = train_keeping_state(train.train_and_evaluate, config, str(tmp_path / "one_device"))
+  state, _ = train.train_and_evaluate(config, str(tmp_path / "one_device"))
   (params,) = _by_device(local_params(state)).values()
   return params
 
@@ -169,28 +169,28 @@ def _check_padding_on_eight_devices():
   images = rng.integers(0, 256, (1003, 28, 28, 1), dtype=np.uint8)
   labels = rng.integers(0, 10, 1003, dtype=np.int32)
   info = data.DatasetInfo("random", (28, 28, 1), 10, tuple("0123456789"))
-  state = train.create_train_state(load_config("seed_mlp"), info, jax.random.PRNGKey(0), 15)
+  state = steps.create_train_state(load_config("seed_mlp"), info, jax.random.PRNGKey(0), 15)
   mesh = parallel.create_mesh()
   sharded = dict(batch_sharding=parallel.data_sharding(mesh), mean=0.0, std=1.0)
   replicated_state = jax.device_put(state, parallel.state_sharding(mesh, state))
   rng = jax.random.PRNGKey(1)
-  order = train.epoch_order(rng, 1003)
+  order = steps.epoch_order(rng, 1003)
 
-  epoch = functools.partial(train.train_epoch, batch_size=64, mean=0.0, std=1.0)
+  epoch = functools.partial(steps.train_epoch, batch_size=64, mean=0.0, std=1.0)
   one, _ = jax.jit(epoch)(state, images, labels, order, rng)
   train_arrays = parallel.put_examples((images, labels), mesh)
   assert train_arrays[0].shape[0] == 1008
-  eight, _ = jax.jit(functools.partial(train.train_epoch, batch_size=64, **sharded))(
+  eight, _ = jax.jit(functools.partial(steps.train_epoch, batch_size=64, **sharded))(
       replicated_state, *train_arrays, order, rng)
   assert int(eight.step) == int(one.step) == 1003 // 64
   for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # Adam steps are about 1e-3.
 
-  expected = jax.jit(functools.partial(train.evaluate, batch_size=96, mean=0.0, std=1.0))(
+  expected = jax.jit(functools.partial(steps.evaluate, batch_size=96, mean=0.0, std=1.0))(
       one, images, labels)
   test_arrays = parallel.put_examples((images, labels), mesh, multiple=96)
   assert test_arrays[0].shape[0] == 1056
-  got = jax.jit(functools.partial(train.evaluate, batch_size=96, num_examples=1003, **sharded))(
+  got = jax.jit(functools.partial(steps.evaluate, batch_size=96, num_examples=1003, **sharded))(
       jax.device_put(one, parallel.state_sharding(mesh, one)), *test_arrays)
   assert int(got["count"]) == int(expected["count"]) == 1003
   assert float(got["accuracy"]) == float(expected["accuracy"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_config, run_main
-from mnist_jax import predict, train
+from conftest import load_config, run_main, train_and_report
+from mnist_jax import predict
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
   config = load_config("seed_mlp", "smoke")
   config.num_epochs = 2
-  train.train_and_evaluate(config, str(workdir))
+  train_and_report(config, workdir)
   return workdir
 
 
@@ -98,7 +98,7 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
 def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_path, mnist_test):
   config = load_config("seed_mlp", "smoke")
   config.num_seeds = 2
-  train.train_and_evaluate(config, str(tmp_path))
+  train_and_report(config, tmp_path)
   record = json.loads((tmp_path / "metrics.jsonl").read_text())
   result = run_main("--mode=eval", f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr

@@ -7,14 +7,15 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from conftest import load_config, run_main
-from mnist_jax import data, explore, plots, progress, reports, summaries, train
+from conftest import load_config, run_main, train_and_report
+from mnist_jax import data, explore, metrics, pipelines, plots, progress, reports, steps, summaries
 from test_data import TEST_COUNTS, TRAIN_COUNTS
 
 REPORT_FIGURES = ("learning_curves", "test_predictions", "confusion_matrix", "confident_mistakes")
@@ -25,8 +26,7 @@ EXPLORE_FIGURES = ("label_histogram", "first_train_images", "pixel_histograms", 
 def trained(tmp_path_factory):
   """A workdir after one smoke epoch, and the metrics `train_and_evaluate` returned."""
   workdir = tmp_path_factory.mktemp("trained")
-  final = train.train_and_evaluate(load_config("seed_mlp", "smoke"), str(workdir))
-  return workdir, final
+  return workdir, train_and_report(load_config("seed_mlp", "smoke"), workdir)
 
 
 def assert_legible_png(path):
@@ -74,7 +74,7 @@ def test_tensorboard_reader_finds_the_scalars_and_the_figures(trained):
                                               size_guidance={event_accumulator.TENSORS: 0})
   events.Reload()
   tags = events.Tags()["tensors"]
-  for tag in summaries.EPOCH_SCALARS:
+  for tag in metrics.scalars(final):
     assert events.SummaryMetadata(tag).plugin_data.plugin_name == "scalars", tag
     (event,) = events.Tensors(tag)
     assert event.step == final["step"]
@@ -88,7 +88,7 @@ def test_tensorboard_reader_finds_the_scalars_and_the_figures(trained):
     width, height, png = tensor_util.make_ndarray(events.Tensors(f"report/{name}")[0].tensor_proto)
     with Image.open(io.BytesIO(png)) as image:
       assert image.size == (int(width), int(height))
-  assert len(tags) == len(summaries.EPOCH_SCALARS) + len(REPORT_FIGURES)
+  assert len(tags) == len(metrics.scalars(final)) + len(REPORT_FIGURES)
 
 
 def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
@@ -110,7 +110,7 @@ def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
 def test_report_mode_on_an_unfinished_workdir_is_one_clear_line(tmp_path):
   result = run_main("--mode=report", f"--workdir={tmp_path}")
   assert result.returncode != 0
-  assert result.stderr.strip().startswith(f"mnist_jax: cannot read the finished run in {tmp_path}")
+  assert result.stderr.strip().startswith(f"mnist_jax: {tmp_path / 'config.json'} does not exist")
   assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -119,7 +119,7 @@ def test_a_failing_plot_warns_and_keeps_the_metrics(tmp_path, monkeypatch, capsy
     raise RuntimeError("no ink")
 
   monkeypatch.setattr(plots, "confusion_matrix", broken)
-  final = train.train_and_evaluate(load_config("seed_mlp", "smoke"), str(tmp_path))
+  final = train_and_report(load_config("seed_mlp", "smoke"), tmp_path)
   assert final["test_accuracy"] > 0.9
   assert "warning: no training report (RuntimeError: no ink)" in capsys.readouterr().err
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
@@ -165,11 +165,11 @@ def test_most_confident_mistakes_come_first_and_right_answers_never():
 def test_stream_epoch_reports_progress_with_an_eta(mnist_test):
   config = load_config("seed_mlp", "smoke")
   info = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
-  state = train.create_train_state(config, info, train.jax.random.PRNGKey(0), 4)
+  state = steps.create_train_state(config, info, jax.random.PRNGKey(0), 4)
   batches = data.stream_batches("mnist", "test", batch_size=2500, mean=0.0, std=1.0, shuffle_seed=0)
   out = io.StringIO()
   on_step = progress.EpochProgress(total_steps=4, batch_size=2500, interval_s=0.0, out=out)
-  train.train_epoch_stream(train.jax.jit(train.train_step), state, batches, on_step)
+  pipelines.train_epoch_stream(jax.jit(steps.train_step), state, batches, on_step)
   lines = out.getvalue().splitlines()
   assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4"]
   assert all(re.search(r"examples/s  ETA \d+:\d\d$", line) for line in lines), lines

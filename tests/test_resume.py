@@ -86,7 +86,7 @@ def test_sigkill_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   assert lines[0].endswith(f"resume with: python -m mnist_jax.main {' '.join(ARGS)} "
                            f"--workdir={interrupted}")
 
-  final = train.train_and_evaluate(config, str(interrupted))
+  _, final = train.train_and_evaluate(config, str(interrupted))
   assert final["epoch"] == 5
 
   expected, actual = _latest_state(straight), _latest_state(interrupted)

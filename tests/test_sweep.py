@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import REPO, load_config, run_main
+from conftest import REPO, load_config, main_in_process, run_main
 from mnist_jax import data, reports, sweep, train
 
 SMOKE = os.path.join(REPO, "experiments", "lr_batch_sweep.py")
@@ -110,11 +110,11 @@ def test_vmapped_seeds_count_one_by_one_and_validation_accuracy_ranks(tmp_path, 
   assert "reads the test set" not in (tmp_path / "sweep_summary.md").read_text()
 
 
-_BAD_SWEEP = """
-from experiments import seed_mlp
-get_config = seed_mlp.get_config
+_BAD_SWEEP = f"""
+from mnist_jax import configs
+get_config = configs.load_module({os.path.join(REPO, "experiments", "seed_mlp.py")!r}).get_config
 def get_sweep(arg=None):
-  return [{"learning_rate": 0.1}, {%s}]
+  return [{{"learning_rate": 0.1}}, {{%s}}]
 """
 
 
@@ -124,13 +124,14 @@ def get_sweep(arg=None):
         ('"lerning_rate": 0.1', "the sweep sets unknown config field 'lerning_rate'"),
         ('"model_args.widths": (3,)', "unknown config field 'model_args.widths'"),
         ('"batch_size": "many"', "the sweep sets config.batch_size to 'many'"),
-        ('"batch_size": 0', "sweep point batch_size=0,seed=0: config.batch_size must be positive"),
+        ('"batch_size": 0', "sweep point batch_size=0,seed=0: config.batch_size must be a whole number in [1, 1,048,576], got 0"),
     ],
 )
 def test_a_bad_sweep_is_one_clear_line_before_anything_trains(tmp_path, point, message):
   experiment = tmp_path / "bad_sweep.py"
   experiment.write_text(_BAD_SWEEP % point)
-  result = run_main("--mode=sweep", f"--config={experiment}", f"--workdir={tmp_path / 'run'}")
+  result = main_in_process("--mode=sweep", f"--config={experiment}",
+                           f"--workdir={tmp_path / 'run'}")
   assert result.returncode != 0
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, result.stderr

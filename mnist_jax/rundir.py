@@ -1,0 +1,163 @@
+"""Owns the files of a run directory (`--workdir`): their names, how they are written and read.
+
+  config.json          the resolved config (written when training starts)
+  metrics.jsonl        one JSON object per epoch (fields: metrics.py)
+  final_metrics.json   the last epoch's record and the run's totals (written when training ends)
+  predictions.npz      the trained model's test logits, labels and class names (for the report)
+
+Every file is written whole or not at all: to a temporary name in the same directory, then
+renamed, so a crash or a full disk leaves the previous version, never half of a new one. Every
+reader checks what it reads and raises `RunFileError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+import ml_collections
+import numpy as np
+
+from mnist_jax import errors, metrics
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+FINAL_METRICS = "final_metrics.json"
+PREDICTIONS = "predictions.npz"
+REPORT = "report.md"
+PLOTS = "plots"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+UNREADABLE_CHECKPOINTS = "checkpoints_unreadable"
+TRAIN_LOCK = "train.lock"
+
+
+class RunFileError(errors.UserError):
+  """A run file that is missing or damaged."""
+
+
+def write_atomic(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+  """Calls `write(f)` on a new temporary file beside `path`, then renames it to `path`."""
+  with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), delete=False,
+                                   prefix=f".{os.path.basename(path)}.") as f:
+    try:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    except BaseException:
+      os.remove(f.name)
+      raise
+  os.replace(f.name, path)
+
+
+def write_text(path: str, text: str) -> None:
+  write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _read_text(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise RunFileError(f"{path} does not exist") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise RunFileError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _parse_json(text: str, path: str, what: type) -> Any:
+  try:
+    value = json.loads(text)
+  except ValueError as e:
+    raise RunFileError(f"{path} is damaged (not JSON: {e})") from None
+  if not isinstance(value, what):
+    raise RunFileError(f"{path} is damaged (a JSON {type(value).__name__}, not an object)")
+  return value
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON values (tuples become lists), as run files and checkpoints hold it."""
+  return json.loads(config.to_json_best_effort())
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  write_text(os.path.join(workdir, CONFIG), json.dumps(config_dict(config), indent=2) + "\n")
+
+
+def read_config(workdir: str) -> dict[str, Any]:
+  """`config.json` as a dict; it must name the dataset."""
+  path = os.path.join(workdir, CONFIG)
+  config = _parse_json(_read_text(path), path, dict)
+  if not isinstance(config.get("dataset"), str):
+    raise RunFileError(f"{path} is damaged (no dataset name)")
+  return config
+
+
+def write_history(workdir: str, history: Sequence[dict[str, Any]]) -> None:
+  """`metrics.jsonl`, one line per epoch so far (rewritten whole at each epoch)."""
+  write_text(os.path.join(workdir, METRICS), "".join(json.dumps(r) + "\n" for r in history))
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+  """An epoch's record as metrics.py describes it, else `RunFileError` naming `where`."""
+  if not isinstance(record, dict):
+    raise RunFileError(f"{where} is damaged (an epoch is a JSON {type(record).__name__})")
+  for field in ("epoch", "step"):
+    if not isinstance(record.get(field), int) or isinstance(record.get(field), bool):
+      raise RunFileError(f"{where} is damaged (an epoch without a whole number {field!r})")
+  fields = [metrics.key(split, name) for split in metrics.splits_in(record) for name in metrics.METRICS]
+  for field in fields:
+    if not isinstance(record[field], numbers.Real):
+      raise RunFileError(f"{where} is damaged (epoch {record['epoch']}: {field} is no number)")
+  return record
+
+
+def read_history(workdir: str) -> list[dict[str, Any]]:
+  """`metrics.jsonl` as a list of epoch records, at least one, each checked."""
+  path = os.path.join(workdir, METRICS)
+  lines = [line for line in _read_text(path).splitlines() if line.strip()]
+  if not lines:
+    raise RunFileError(f"{path} holds no epoch; the run trained for zero epochs")
+  return [check_record(_parse_json(line, path, object), path) for line in lines]
+
+
+def write_final(workdir: str, final: dict[str, Any]) -> None:
+  write_text(os.path.join(workdir, FINAL_METRICS), json.dumps(final, indent=2) + "\n")
+
+
+def read_final(workdir: str) -> dict[str, Any]:
+  """`final_metrics.json`, checked as an epoch's record."""
+  path = os.path.join(workdir, FINAL_METRICS)
+  return check_record(_parse_json(_read_text(path), path, dict), path)
+
+
+def write_predictions(workdir: str, logits_NC: np.ndarray, labels_N: np.ndarray,
+                      class_names: Sequence[str]) -> None:
+  write_atomic(os.path.join(workdir, PREDICTIONS), lambda f: np.savez_compressed(
+      f, logits_NC=logits_NC.astype(np.float32), labels_N=labels_N,
+      class_names=np.array(class_names)))
+
+
+def read_predictions(workdir: str) -> dict[str, np.ndarray]:
+  """`predictions.npz`: `logits_NC` float, `labels_N` ints in `[0, C)`, `class_names` `[C]`."""
+  path = os.path.join(workdir, PREDICTIONS)
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      logits_NC, labels_N, names_C = (saved[k] for k in ("logits_NC", "labels_N", "class_names"))
+  except FileNotFoundError:
+    raise RunFileError(f"{path} does not exist") from None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise RunFileError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+  num_classes = len(names_C)
+  shapes_fit = logits_NC.ndim == 2 and logits_NC.shape == (len(labels_N), num_classes)
+  types_fit = (np.issubdtype(logits_NC.dtype, np.floating)
+               and np.issubdtype(labels_N.dtype, np.integer) and labels_N.ndim == 1)
+  if not (shapes_fit and types_fit and ((labels_N >= 0) & (labels_N < num_classes)).all()):
+    raise RunFileError(f"{path} is damaged (logits {logits_NC.shape}, labels {labels_N.shape}, "
+                       f"{num_classes} class names)")
+  return {"logits_NC": logits_NC, "labels_N": labels_N,
+          "class_names": [str(name) for name in names_C]}
