@@ -70,6 +70,7 @@ def test_rotation_turns_a_point_by_at_most_the_angle_about_the_centre():
   assert max(abs(t) for t in turns) <= 21 and np.std(turns) > 1, turns
 
 
+@pytest.mark.slow
 def test_augmented_cnn_trains_and_its_epochs_are_reproducible(mnist_train):
   config = load_config("cnn_best", "smoke")
   config.lr_schedule = "constant"  # Cosine over the smoke run's length would end at zero.

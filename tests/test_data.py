@@ -91,6 +91,7 @@ def test_num_examples_of_a_damaged_kept_split_decodes_it(tmp_path, monkeypatch):
     assert len(arrays["labels"]) == 10_000
 
 
+@pytest.mark.slow
 def test_two_runs_preparing_a_fresh_data_dir_at_once_both_load_mnist(tmp_path):
   load = "from mnist_jax import data; print(len(data.load_split('mnist', 'test')))"
   env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path)}

@@ -59,6 +59,7 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
   assert records[0]["val_examples"] == 6_000 and records[0]["test_examples"] == 10_000
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_match_the_same_seeds_trained_one_by_one(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.num_seeds = 2

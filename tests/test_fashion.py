@@ -32,6 +32,7 @@ def mock_fashion_mnist(tmp_path):
     yield
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fashion_mlp", "fashion_cnn"])
 def test_fashion_configs_train_on_mocked_fashion_mnist(tmp_path, mock_fashion_mnist, name):
   del mock_fashion_mnist

@@ -5,6 +5,7 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 from conftest import REPO
 
@@ -18,6 +19,7 @@ def _outputs(cell):
   return text, images
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_the_smoke_config_headless(tmp_path):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   index = next(i for i, cell in enumerate(notebook.cells)

@@ -75,6 +75,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(tmp_path):
   worker = _worker(tmp_path / "params", _smoke_flags(tmp_path / "run", 2), EIGHT_DEVICES,
                    tmp_path / "log")
@@ -92,6 +93,7 @@ def test_eight_devices_train_like_one(tmp_path):
   assert [json.loads(line)["step"] for line in lines] == [468, 936]
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_train_like_one(tmp_path):
   cluster = ["--multihost", f"--coordinator_address=localhost:{_free_port()}",
              "--num_processes=2"]

@@ -95,6 +95,7 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
     assert line.startswith(f"mnist_jax: {path}: {reason}"), line
 
 
+@pytest.mark.slow
 def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_path, mnist_test):
   config = load_config("seed_mlp", "smoke")
   config.num_seeds = 2

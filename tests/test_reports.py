@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from conftest import load_config, run_main, train_and_report
-from mnist_jax import data, explore, metrics, pipelines, plots, progress, reports, steps, summaries
+from mnist_jax import (data, explore, metrics, pipelines, plots, progress, reports, rundir, steps,
+                       summaries)
 from test_data import TEST_COUNTS, TRAIN_COUNTS
 
 REPORT_FIGURES = ("learning_curves", "test_predictions", "confusion_matrix", "confident_mistakes")
@@ -89,6 +90,29 @@ def test_tensorboard_reader_finds_the_scalars_and_the_figures(trained):
     with Image.open(io.BytesIO(png)) as image:
       assert image.size == (int(width), int(height))
   assert len(tags) == len(metrics.scalars(final)) + len(REPORT_FIGURES)
+
+
+def test_a_validation_split_shows_wherever_the_test_split_does(tmp_path):
+  config = load_config("seed_mlp", "smoke")
+  config.validation_fraction = 0.1
+  final = train_and_report(config, tmp_path)
+  assert metrics.splits_in(final) == ["train", "val", "test"]
+  line = metrics.epoch_line(final, 1)
+  assert "  val_loss " in line and "  val_acc " in line
+  report = (tmp_path / "report.md").read_text()
+  assert ("| epoch | train loss | train accuracy | val loss | val accuracy | test loss | "
+          "test accuracy | epoch time (s) |") in report
+  assert f"| {final['val_accuracy']:.4f} | {final['test_loss']:.4f} |" in report
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"),
+                                              size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  for tag, field in (("val/loss", "val_loss"), ("val/accuracy", "val_accuracy")):
+    (event,) = events.Tensors(tag)
+    assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(final[field])
+  history = reports.history_columns(rundir.read_history(str(tmp_path)))
+  figure = plots.learning_curves(history, metrics.splits_in(history))
+  for ax in figure.axes:
+    assert [line.get_label() for line in ax.get_lines()] == ["train", "val", "test"]
 
 
 def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):

@@ -65,6 +65,7 @@ def _kill_after_epoch_2(workdir):
   pytest.fail("the run always got past epoch 3 before SIGKILL reached it")
 
 
+@pytest.mark.slow
 def test_sigkill_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.num_epochs = 5
@@ -98,6 +99,7 @@ def test_sigkill_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   assert _metrics(interrupted) == _metrics(straight)
 
 
+@pytest.mark.slow
 def test_raising_num_epochs_continues_a_finished_run_exactly(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.num_epochs = 2

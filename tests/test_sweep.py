@@ -25,6 +25,7 @@ def _csv_rows(workdir):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_smoke_sweep_writes_a_ranked_summary_and_skips_finished_seeds(
     tmp_path, monkeypatch, fast_runs
 ):

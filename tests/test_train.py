@@ -114,6 +114,7 @@ def test_both_pipelines_train_the_smoke_config(tmp_path, pipeline):
   assert json.loads((tmp_path / "final_metrics.json").read_text())["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.num_epochs = 2
