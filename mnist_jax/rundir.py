@@ -37,6 +37,10 @@ UNREADABLE_CHECKPOINTS = "checkpoints_unreadable"
 TRAIN_LOCK = "train.lock"
 
 
+_UMASK = os.umask(0o022)  # Read once, at import, before any thread creates files;
+os.umask(_UMASK)  # a temporary file is made 0600, the file it becomes gets the usual mode.
+
+
 class RunFileError(errors.UserError):
   """A run file that is missing or damaged."""
 
@@ -48,6 +52,7 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], Any]) -> None:
     try:
       write(f)
       f.flush()
+      os.fchmod(f.fileno(), 0o666 & ~_UMASK)
       os.fsync(f.fileno())
     except BaseException:
       os.remove(f.name)
