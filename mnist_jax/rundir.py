@@ -114,8 +114,8 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
   for field in ("epoch", "step"):
     if not isinstance(record.get(field), int) or isinstance(record.get(field), bool):
       raise RunFileError(f"{where} is damaged (an epoch without a whole number {field!r})")
-  fields = [metrics.key(split, name) for split in metrics.splits_in(record) for name in metrics.METRICS]
-  for field in fields:
+  for field in [metrics.key(split, name)
+                for split in metrics.splits_in(record) for name in metrics.METRICS]:
     if not isinstance(record[field], numbers.Real):
       raise RunFileError(f"{where} is damaged (epoch {record['epoch']}: {field} is no number)")
   return record
