@@ -4,12 +4,16 @@ Each checkpoint is one orbax step directory, `checkpoints/<step>/` (`step`: trai
 written by `ocp.CheckpointManager` (atomically: a half-written step is never listed), with items
 
   state    `{"params", "opt_state", "step", "dropout_rng"}`, orbax's StandardSave
-  meta     JSON: `epoch`, `steps_per_epoch`, `dataset` (what predict needs) and `history`, the
-           metrics record of every epoch so far (metrics.jsonl is rewritten from it on resume)
+  meta     JSON: `epoch`, `steps_per_epoch`, `dataset` (what predict needs), `history`, the
+           metrics record of every epoch so far (metrics.jsonl is rewritten from it on resume),
+           and `sha256`, a digest of every array of `state`
   config   JSON: the config the state was trained with
-  metrics  orbax's own: `{"selection": value, <metric name>: value}`, which picks the best
+  metrics  orbax's own: `{"selection": value, <metric name>: value}`, for its retention
 
 Retention keeps the newest `config.keep_checkpoints` and the best by `metrics.selection_metric`.
+Everything read back is checked before use: meta's fields, the config (`configs.validate`) and
+every array against its digest. A checkpoint that fails is damaged: restoring falls back to the
+next one with a warning; resuming also moves it to `checkpoints_unreadable/`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -29,10 +35,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from mnist_jax import errors, metrics, rundir
+from mnist_jax import configs, errors, metrics, parallel, rundir
 
 # Fields that may differ between a run and its resume because they do not change what is
 # trained. `num_epochs` joins them unless a schedule is stretched over it (see `config_changes`).
@@ -68,11 +75,15 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
-  """orbax's manager for `workdir`; for reading only unless `keep` (the newest to keep)."""
+  """orbax's manager for `workdir`; for reading only unless `keep` (the newest to keep).
+
+  The reading manager never reads orbax's metrics item: "best" is ranked from the checked meta
+  item instead (see `restore`).
+  """
   best = lambda metrics: metrics["selection"]
   if keep is None:
     # Not orbax's read_only, which logs a warning; this manager never saves, so never deletes.
-    options = ocp.CheckpointManagerOptions(create=False, best_fn=best, best_mode="max")
+    options = ocp.CheckpointManagerOptions(create=False, lightweight_initialize=True)
   else:
     options = ocp.CheckpointManagerOptions(
         best_fn=best,
@@ -124,6 +135,76 @@ def _as_pytree(state: Any) -> dict[str, Any]:
           "dropout_rng": state.dropout_rng}
 
 
+class _Damaged(Exception):
+  """What a checkpoint holds is not what was saved."""
+
+
+def digests(tree: Any) -> dict[str, str]:
+  """SHA-256 of each array of a replicated pytree, over its dtype, shape and bytes, by path."""
+  result = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(parallel.local_copy(tree)):
+    array = np.ascontiguousarray(leaf)
+    head = f"{array.dtype.str}{array.shape}".encode()
+    result[jax.tree_util.keystr(path, simple=True, separator="/")] = hashlib.sha256(head + array.tobytes()).hexdigest()
+  return result
+
+
+def _whole(value: Any, low: int = 1) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _checked_meta(meta: Any) -> dict[str, Any]:
+  """The meta item, if it has the fields and types `_save` writes; else `_Damaged`."""
+
+  def need(ok: bool, what: str) -> None:
+    if not ok:
+      raise _Damaged(f"meta item: {what}")
+
+  need(isinstance(meta, dict), "not a JSON object")
+  for field in ("epoch", "steps_per_epoch"):
+    need(_whole(meta.get(field)), f"{field} is not a positive whole number")
+  dataset = meta.get("dataset")
+  need(isinstance(dataset, dict) and isinstance(dataset.get("name"), str)
+       and isinstance(dataset.get("image_shape"), list) and len(dataset["image_shape"]) == 3
+       and all(_whole(side) for side in dataset["image_shape"])
+       and _whole(dataset.get("num_classes"), 2) and isinstance(dataset.get("class_names"), list)
+       and len(dataset["class_names"]) == dataset["num_classes"]
+       and all(isinstance(name, str) for name in dataset["class_names"]), "dataset is damaged")
+  history = meta.get("history")
+  need(isinstance(history, list) and history, "history is not a non-empty list")
+  for record in history:
+    rundir.check_record(record, "its meta item's history")
+  need(history[-1]["epoch"] == meta["epoch"], "history does not end at its epoch")
+  sha256 = meta.get("sha256", {})
+  need(isinstance(sha256, dict) and all(isinstance(v, str) for v in sha256.values()),
+       "sha256 is not a table of digests")
+  return meta
+
+
+def _read_items(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict, ml_collections.ConfigDict]:
+  """A step's meta item, its config as saved, and as a checked ConfigDict."""
+  saved = manager.restore(
+      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+  )
+  meta = _checked_meta(saved.meta)
+  if not isinstance(saved.config, dict):
+    raise _Damaged("config item: not a JSON object")
+  config = ml_collections.ConfigDict(saved.config)
+  configs.validate(config)
+  return meta, saved.config, config.lock()
+
+
+def _verify(arrays: Any, meta: dict[str, Any]) -> None:
+  """`_Damaged` unless every restored array matches the digest saved with it."""
+  saved = meta.get("sha256")
+  if saved is None:  # Saved before checkpoints had digests: nothing to check against.
+    return
+  actual = digests(arrays)
+  wrong = sorted(path for path in saved.keys() | actual.keys() if saved.get(path) != actual.get(path))
+  if wrong:
+    raise _Damaged(f"{len(wrong)} array(s) differ from their saved digests: {', '.join(wrong[:3])}")
+
+
 def _restore_first_valid(
     manager: ocp.CheckpointManager,
     steps: list[int],
@@ -134,27 +215,22 @@ def _restore_first_valid(
   failed: list[tuple[int, Exception]] = []
   for step in steps:
     try:
-      saved = manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-      )
-    except Exception as e:  # pylint: disable=broad-except  # Damage shows as many error types.
-      failed.append((step, e))
-      continue
-    check_config(saved.config)
-    config = ml_collections.ConfigDict(saved.config).lock()
-    try:
-      template = template_fn(config, saved.meta)
+      meta, saved_config, config = _read_items(manager, step)
+      check_config(saved_config)
+      template = template_fn(config, meta)
       arrays = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_pytree(template)))
       ).state
-      state = template.replace(**arrays)
-    except Exception as e:  # pylint: disable=broad-except
+      _verify(arrays, meta)
+    except CheckpointError:  # Usable, but not as asked.
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # Damage shows as many error types.
       failed.append((step, e))
       continue
     for bad_step, error in failed:
       print(f"mnist_jax: warning: checkpoint {bad_step} in {manager.directory} cannot be restored "
             f"({_gist(error)}); using checkpoint {step}", file=sys.stderr)
-    return Restored(step, state, saved.meta, config), [bad for bad, _ in failed]
+    return Restored(step, template.replace(**arrays), meta, config), [bad for bad, _ in failed]
   reasons = "; ".join(f"checkpoint {s}: {_gist(e)}" for s, e in failed)
   raise CheckpointError(
       f"no checkpoint in {manager.directory} can be restored ({reasons}); "
@@ -163,8 +239,17 @@ def _restore_first_valid(
 
 
 def _gist(error: Exception) -> str:
+  if isinstance(error, _Damaged):
+    return str(error)
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _selection(manager: ocp.CheckpointManager, step: int) -> float:
+  """The metric that ranks `step`, as its checked meta item records it (NaN ranks last)."""
+  meta, _, config = _read_items(manager, step)
+  value = float(meta["history"][-1][metrics.selection_metric(config)])
+  return value if math.isfinite(value) else -math.inf
 
 
 def restore(
@@ -183,8 +268,15 @@ def restore(
     if not steps:
       raise CheckpointError(f"no checkpoints in {manager.directory}; train with this --workdir first")
     if which == "best":
-      metric = lambda step: (manager.metrics(step) or {}).get("selection", -math.inf)
-      candidates = sorted(steps, key=lambda step: (metric(step), step), reverse=True)
+      ranks = {}
+      for step in steps:
+        try:
+          ranks[step] = (_selection(manager, step), step)
+        except Exception as e:  # pylint: disable=broad-except  # Damage shows as many error types.
+          print(f"mnist_jax: warning: checkpoint {step} in {manager.directory} cannot be restored "
+                f"({_gist(e)}); leaving it out", file=sys.stderr)
+          ranks[step] = (-math.inf, -1)  # Tried last, so that the error names it.
+      candidates = sorted(steps, key=ranks.get, reverse=True)
     elif which == "latest":
       candidates = sorted(steps, reverse=True)
     elif which.isdigit() and int(which) in steps:
@@ -192,6 +284,30 @@ def restore(
     else:
       raise CheckpointError(f"--checkpoint={which} is not 'best', 'latest' or one of the steps {steps}")
     return _restore_first_valid(manager, candidates, template_fn)[0]
+
+
+def _steps_with_damaged_metrics(workdir: str) -> list[int]:
+  """Steps whose orbax metrics item is not `{"selection": <number>, ...}`."""
+  damaged = []
+  directory = checkpoint_dir(workdir)
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+  for step in sorted(steps):
+    try:
+      with open(os.path.join(directory, str(step), "metrics", "metrics"), encoding="utf-8") as f:
+        selection = json.load(f)["selection"]
+    except (OSError, ValueError, TypeError, KeyError):
+      selection = None
+    if not isinstance(selection, float | int) or isinstance(selection, bool):
+      damaged.append(step)
+  return damaged
+
+
+def _set_aside(workdir: str, step: int) -> None:
+  """Moves a damaged checkpoint out of orbax's sight, keeping it for inspection."""
+  aside = os.path.join(workdir, rundir.UNREADABLE_CHECKPOINTS, str(step))
+  os.makedirs(os.path.dirname(aside), exist_ok=True)
+  shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), aside)
+  print(f"mnist_jax: warning: moved unreadable checkpoint {step} to {aside}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -246,6 +362,8 @@ class TrainingCheckpoints:
   def __enter__(self) -> TrainingCheckpoints:
     if jax.process_index() == 0:  # The other processes of a multi-host run share the workdir.
       self._stack.enter_context(_workdir_lock(self.workdir))
+    for step in _steps_with_damaged_metrics(self.workdir):  # orbax would fail on them.
+      _set_aside(self.workdir, step)
     self._manager = self._stack.enter_context(_manager(self.workdir, self.keep))
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGINT, signal.SIGTERM):
@@ -277,10 +395,7 @@ class TrainingCheckpoints:
     )
     # Newer damaged steps would collide with the steps about to be saved; keep them aside.
     for step in bad_steps:
-      aside = os.path.join(self.workdir, rundir.UNREADABLE_CHECKPOINTS, str(step))
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      shutil.move(os.path.join(checkpoint_dir(self.workdir), str(step)), aside)
-      print(f"mnist_jax: warning: moved unreadable checkpoint {step} to {aside}", file=sys.stderr)
+      _set_aside(self.workdir, step)
     if bad_steps:
       self._manager.reload()
     epoch = restored.meta["epoch"]
@@ -319,7 +434,8 @@ class TrainingCheckpoints:
 
   def _save(self, state: Any, history: list[dict[str, Any]]) -> None:
     metric = metrics.selection_metric(self.config)
-    meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history}
+    meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history,
+            "sha256": digests(_as_pytree(state))}
     self._manager.save(
         int(state.step),
         args=ocp.args.Composite(

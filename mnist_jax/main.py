@@ -16,6 +16,8 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from absl import app, flags, logging
@@ -139,9 +141,21 @@ def _predict() -> int:
   return 1 if failed else 0
 
 
+def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`hook` for all but orbax's restore callbacks that reach an event loop already closed: after a
+  damaged checkpoint failed to restore, they would print one traceback per array."""
+
+  def unraisable(info: Any) -> None:
+    if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+      hook(info)
+
+  return unraisable
+
+
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
+  sys.unraisablehook = _unraisable(sys.unraisablehook)
   parallel.set_xla_flags()
   if _JAX_CACHE_DIR.value:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)

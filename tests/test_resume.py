@@ -99,15 +99,28 @@ def test_sigkill_then_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   assert _metrics(interrupted) == _metrics(straight)
 
 
+def _flip_a_bit_in_the_largest_array(checkpoint):
+  files = [os.path.join(root, name) for root, _, names in os.walk(checkpoint / "state")
+           if os.path.basename(root) == "d" for name in names]
+  largest = max(files, key=os.path.getsize)  # The first layer's kernel, and its Adam moments.
+  data = bytearray(open(largest, "rb").read())
+  data[len(data) // 2] ^= 0x01
+  open(largest, "wb").write(bytes(data))
+
+
 @pytest.mark.slow
-def test_raising_num_epochs_continues_a_finished_run_exactly(tmp_path):
+def test_raising_num_epochs_past_a_damaged_checkpoint_continues_exactly(tmp_path, capsys):
   config = load_config("seed_mlp", "smoke")
-  config.num_epochs = 2
+  config.num_epochs = 3
   train.train_and_evaluate(config, str(tmp_path / "straight"))
-  config.num_epochs = 1
+  config.num_epochs = 2
   train.train_and_evaluate(config, str(tmp_path / "continued"))
-  config.num_epochs = 2  # A change that resumes without --allow_config_change.
+  _flip_a_bit_in_the_largest_array(tmp_path / "continued" / "checkpoints" / str(2 * STEPS_PER_EPOCH))
+  capsys.readouterr()
+  config.num_epochs = 3  # A change that resumes without --allow_config_change.
   train.train_and_evaluate(config, str(tmp_path / "continued"))
+  # The damaged epoch 2 is set aside and trained again from epoch 1's checkpoint.
+  assert f"checkpoint {2 * STEPS_PER_EPOCH} " in capsys.readouterr().err
 
   expected, actual = _latest_state(tmp_path / "straight"), _latest_state(tmp_path / "continued")
   for leaf, expected_leaf in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
