@@ -10,14 +10,19 @@ drawing of one digit on a plain background, inverting it first when the backgrou
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_jax import checkpoints, data, errors, steps
 
 MNIST_SIZE = 28
+# Images above this are refused unread; decoded, 25 MP of RGBA take 100 MB.
+MAX_PIXELS = 25_000_000
+# Larger sides are reduced before the digit is found, keeping memory small for photos.
+WORKING_SIDE = 2048
 DIGIT_BOX = 20
 # Pixels brighter than this fraction of the strongest stroke bound the digit (ignores faint noise).
 _INK_THRESHOLD = 0.2
@@ -46,22 +51,52 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
 
 
 def load_image(path: str) -> np.ndarray:
-  """A file's pixels as grayscale float32 `[H, W]` in 0..255, transparency flattened onto white."""
+  """A file's pixels as grayscale float32 `[H, W]` in 0..255, upright as its EXIF orientation says.
+
+  Transparency is flattened onto white; 16-bit and float images are scaled to 0..255; sides
+  above `WORKING_SIDE` are reduced by a whole factor (the digit ends up 20x20 anyway). Images of
+  more than `MAX_PIXELS` are refused before their pixels are decoded.
+  """
   try:
-    with Image.open(path) as image:
+    with warnings.catch_warnings():  # Pillow warns from 89 MP on; the limit below is lower.
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      image = Image.open(path)
+    with image:
+      if image.width * image.height > MAX_PIXELS:
+        raise ImageError(f"{image.width}x{image.height} pixels is above the limit of "
+                         f"{MAX_PIXELS / 1e6:g} megapixels; scale it down first")
+      if max(image.size) > WORKING_SIDE:  # A JPEG decodes at 1/2, 1/4 or 1/8 scale for this.
+        image.draft("L", tuple(side * WORKING_SIDE // max(image.size) for side in image.size))
       image.load()
-      if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-      return np.asarray(image.convert("L"), np.float32)
+      gray = _gray(image, -(-max(image.size) // WORKING_SIDE))
+      gray.info["exif"] = image.info.get("exif", b"")  # `_gray` made a new image.
+      return np.asarray(ImageOps.exif_transpose(gray), np.float32)
   except FileNotFoundError:
     raise ImageError("no such file") from None
   except IsADirectoryError:
     raise ImageError("is a directory, not an image") from None
   except UnidentifiedImageError:
     raise ImageError("not an image file that Pillow can read") from None
-  except (OSError, ValueError) as e:  # Truncated or damaged image data.
+  except Image.DecompressionBombError:
+    raise ImageError(f"above the limit of {MAX_PIXELS / 1e6:g} megapixels; scale it down first") from None
+  except (OSError, ValueError, SyntaxError) as e:  # Truncated or damaged image data.
     raise ImageError(f"cannot be read as an image ({e})") from None
+
+
+def _gray(image: Image.Image, factor: int) -> Image.Image:
+  """One channel, 0..255, sides divided by `factor`: "L" from 8-bit images, "F" from 16-bit and
+  float ones (as scanners write). Transparency is flattened onto white."""
+  if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    rgba = (image if image.mode == "RGBA" else image.convert("RGBA")).reduce(factor)
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("L")
+  if not image.mode.startswith(("I", "F")):
+    return image.convert("L").reduce(factor)
+  pixels = np.array((image if image.mode == "F" else image.convert("F")).reduce(factor))
+  if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max() > 255):
+    pixels *= 255 / 65535
+  elif image.mode == "F" and pixels.max() <= 1:
+    pixels *= 255
+  return Image.fromarray(pixels.clip(0, 255), "F")
 
 
 def _to_gray(image: np.ndarray) -> np.ndarray:

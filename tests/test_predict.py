@@ -1,11 +1,13 @@
 """Using a trained model: `--mode=eval`, `--mode=predict`, and `predict.probabilities`."""
 
 import json
+import struct
+import zlib
 
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from conftest import load_config, run_main, train_and_report
 from mnist_jax import predict
@@ -67,6 +69,46 @@ def test_predicts_rendered_test_digits_like_the_originals(workdir, mnist_test, t
   assert rendered_accuracy >= 0.85, (rendered_accuracy, original_accuracy)
 
 
+def _png_claiming(path, width, height):
+  """A PNG whose header gives `width` x `height`: too big to decode, not to open."""
+  Image.new("L", (8, 8), 255).save(path)
+  data = bytearray(path.read_bytes())
+  data[16:24] = struct.pack(">II", width, height)  # IHDR's data starts at byte 16.
+  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+  path.write_bytes(bytes(data))
+
+
+# How each EXIF orientation (2..8) stores an upright image; the viewer undoes it.
+_STORED = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+           5: np.transpose, 6: np.rot90, 7: lambda a: np.rot90(a, 2).T, 8: lambda a: np.rot90(a, -1)}
+
+
+def _save_oriented(upright_HW, orientation, path):
+  exif = Image.Exif()
+  exif[ExifTags.Base.Orientation] = orientation
+  Image.fromarray(np.ascontiguousarray(_STORED[orientation](upright_HW))).save(path, exif=exif)
+  return str(path)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_image_upright(tmp_path, orientation):
+  upright = np.arange(12 * 7, dtype=np.uint8).reshape(12, 7)
+  loaded = predict.load_image(_save_oriented(upright, orientation, tmp_path / "a.png"))
+  np.testing.assert_array_equal(loaded, upright)
+
+
+def test_photos_stored_turned_predict_as_upright_ones(workdir, mnist_test, tmp_path):
+  """As a phone writes them: JPEG pixels turned a quarter, orientation 6 in EXIF."""
+  count = 60
+  model = predict.load(str(workdir))
+  images = []
+  for i in range(count):
+    upright = np.asarray(Image.open(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / "a.png")))
+    images.append(predict.load_image(_save_oriented(upright, 6, tmp_path / f"{i}.jpg")))
+  accuracy = np.mean(predict.probabilities(model, images).argmax(1) == mnist_test.labels_N[:count])
+  assert accuracy >= 0.85  # About 0.15 when read sideways.
+
+
 def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mnist_test, tmp_path):
   good = [_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png") for i in (0, 1)]
   Image.open(good[1]).convert("RGB").save(tmp_path / "1.jpg")
@@ -74,11 +116,15 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
   (tmp_path / "notes.png").write_text("not an image")
   (tmp_path / "cut.png").write_bytes((tmp_path / "0.png").read_bytes()[:100])
   Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
+  _png_claiming(tmp_path / "bomb.png", 20_000, 20_000)  # Above Pillow's own limit.
+  _png_claiming(tmp_path / "huge.png", 6_000, 5_000)  # Below Pillow's, above predict's.
   bad = {
       str(tmp_path / "missing.png"): "no such file",
       str(tmp_path / "notes.png"): "not an image file",
       str(tmp_path / "cut.png"): "cannot be read as an image",
       str(tmp_path / "blank.png"): "no digit found",
+      str(tmp_path / "bomb.png"): "above the limit of 25 megapixels",
+      str(tmp_path / "huge.png"): "6000x5000 pixels is above the limit of 25 megapixels",
   }
   paths = [good[0], *bad, good[1]]
   result = run_main("--mode=predict", f"--workdir={workdir}", f"--images={','.join(paths)}")
