@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -245,6 +246,15 @@ def _gist(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
+def _os_reason(error: Exception) -> str:
+  """The operating system's words for an orbax error that wraps one ("No space left on
+  device"), else the error's gist."""
+  code = re.search(r"os_error_code='(\d+)'", str(error))
+  if code:
+    return os.strerror(int(code.group(1)))
+  return error.strerror if isinstance(error, OSError) and error.strerror else _gist(error)
+
+
 def _selection(manager: ocp.CheckpointManager, step: int) -> float:
   """The metric that ranks `step`, as its checked meta item records it (NaN ranks last)."""
   meta, _, config = _read_items(manager, step)
@@ -436,12 +446,25 @@ class TrainingCheckpoints:
     metric = metrics.selection_metric(self.config)
     meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history,
             "sha256": digests(_as_pytree(state))}
-    self._manager.save(
-        int(state.step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_as_pytree(state)),
-            meta=ocp.args.JsonSave(meta),
-            config=ocp.args.JsonSave(rundir.config_dict(self.config)),
-        ),
-        metrics={"selection": history[-1][metric], metric: history[-1][metric]},
-    )
+    step = int(state.step)
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(_as_pytree(state)),
+              meta=ocp.args.JsonSave(meta),
+              config=ocp.args.JsonSave(rundir.config_dict(self.config)),
+          ),
+          metrics={"selection": history[-1][metric], metric: history[-1][metric]},
+      )
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises ValueError for OS errors.
+      directory = checkpoint_dir(self.workdir)
+      for name in os.listdir(directory):  # The unfinished step, never listed by orbax.
+        if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+          shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      last = self._manager.latest_step()
+      raise CheckpointError(
+          f"checkpoint {step} could not be written to {directory} ({_os_reason(e)}); "
+          + (f"the last good one is {last}, where the same command resumes" if last is not None
+             else "there is no earlier checkpoint")
+      ) from None

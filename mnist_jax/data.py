@@ -365,7 +365,7 @@ def _keep(path: str | None, write: Callable[[Any], Any]) -> None:
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rundir.write_atomic(path, write)
-  except OSError:
+  except (OSError, rundir.RunFileError):
     pass
 
 

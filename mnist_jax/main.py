@@ -12,11 +12,11 @@ imported when that mode runs (eval and predict load no plotting, TensorBoard or 
 """
 
 import ast
+import logging as std_logging
 import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -141,21 +141,28 @@ def _predict() -> int:
   return 1 if failed else 0
 
 
-def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
-  """`hook` for all but orbax's restore callbacks that reach an event loop already closed: after a
-  damaged checkpoint failed to restore, they would print one traceback per array."""
+def _quiet_library_errors() -> None:
+  """Keeps orbax's own reports of a failure it raises off the terminal; what it raises becomes
+  one line (see checkpoints.py). Without this a full disk or a damaged checkpoint prints
+  hundreds of lines of tracebacks: orbax logs each error it raises, its unfinished asyncio tasks
+  log theirs, and its coroutines left unfinished and callbacks that arrive after the event loop
+  closed print one each."""
+  logging.get_absl_logger().addFilter(lambda record: "/orbax/" not in record.pathname)
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # No asyncio of our own.
+  hook = sys.unraisablehook
 
   def unraisable(info: Any) -> None:
-    if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+    closed_loop = isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
+    orbax_coroutine = "/orbax/" in getattr(getattr(info.object, "cr_code", None), "co_filename", "")
+    if not (closed_loop or orbax_coroutine):
       hook(info)
 
-  return unraisable
+  sys.unraisablehook = unraisable
 
 
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
-  sys.unraisablehook = _unraisable(sys.unraisablehook)
   parallel.set_xla_flags()
   if _JAX_CACHE_DIR.value:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
@@ -187,7 +194,10 @@ def main(argv: list[str]) -> None:
       reports.report_workdir(_WORKDIR.value)
   except errors.UserError as e:
     sys.exit(f"mnist_jax: {e}")
+  except OSError as e:  # The workdir or another path: read-only, full, gone.
+    sys.exit(f"mnist_jax: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
 
 
 if __name__ == "__main__":
+  _quiet_library_errors()
   app.run(main, flags_parser=_parse_flags)

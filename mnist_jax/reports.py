@@ -218,6 +218,8 @@ def report_workdir(workdir: str) -> dict[str, float]:
   """`--mode=report`: redraws the report of a finished run from the files in its workdir."""
   if not os.path.isdir(workdir):
     raise ReportError(f"{workdir} is not a directory; give the --workdir of a finished run")
+  if not os.access(workdir, os.W_OK):
+    raise ReportError(f"{workdir} is not writable, and the report is written there")
   seconds = write_report(workdir, summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD)))
   print(_written_line(workdir, seconds))
   return seconds

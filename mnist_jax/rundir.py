@@ -46,18 +46,26 @@ class RunFileError(errors.UserError):
 
 
 def write_atomic(path: str, write: Callable[[IO[bytes]], Any]) -> None:
-  """Calls `write(f)` on a new temporary file beside `path`, then renames it to `path`."""
-  with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), delete=False,
-                                   prefix=f".{os.path.basename(path)}.") as f:
-    try:
-      write(f)
-      f.flush()
-      os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-      os.fsync(f.fileno())
-    except BaseException:
-      os.remove(f.name)
-      raise
-  os.replace(f.name, path)
+  """Calls `write(f)` on a new temporary file beside `path`, then renames it to `path`.
+
+  Raises:
+    RunFileError: the file cannot be written (a full disk, a read-only directory); any
+      previous version of it is left as it was.
+  """
+  try:
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), delete=False,
+                                     prefix=f".{os.path.basename(path)}.") as f:
+      try:
+        write(f)
+        f.flush()
+        os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+        os.fsync(f.fileno())
+      except BaseException:
+        os.remove(f.name)
+        raise
+    os.replace(f.name, path)
+  except OSError as e:
+    raise RunFileError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def write_text(path: str, text: str) -> None:

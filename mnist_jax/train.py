@@ -54,23 +54,24 @@ def train_and_evaluate(
   checkpoint and returns; only the first writes the other files and prints.
   """
   configs.validate(config)
-  with checkpoints.TrainingCheckpoints(
-      workdir, config, allow_config_change=allow_config_change
-  ) as ckpts:
-    return _train(config, workdir, ckpts)
-
-
-def _train(
-    config: ml_collections.ConfigDict, workdir: str, ckpts: checkpoints.TrainingCheckpoints
-) -> tuple[steps.TrainState, dict[str, Any]]:
   info = parallel.main_process_first(data.dataset_info, config.dataset, config.data_dir)
   splits = run_splits(config)
   num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)
   steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch == 0:
+  if steps_per_epoch == 0:  # Refused before the workdir is made.
     raise configs.ConfigError(
         f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
     )
+  with checkpoints.TrainingCheckpoints(
+      workdir, config, allow_config_change=allow_config_change
+  ) as ckpts:
+    return _train(config, workdir, ckpts, info, splits, steps_per_epoch)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, ckpts: checkpoints.TrainingCheckpoints,
+    info: data.DatasetInfo, splits: dict[str, str], steps_per_epoch: int,
+) -> tuple[steps.TrainState, dict[str, Any]]:
   state, epoch_rngs = steps.initial_state(config, info, steps_per_epoch)
   pipeline = pipelines.create(config, state, splits)
   state = jax.device_put(state, pipeline.state_sharding)

@@ -1,6 +1,7 @@
 """`python -m mnist_jax.main` end to end, and every bad input it must refuse in one line."""
 
 import json
+import os
 
 import pytest
 
@@ -38,6 +39,8 @@ def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
         (["--config=experiments/seed_mlp.py", "--config.num_epochs=-1"],
          "config.num_epochs must be a whole number in [0, 100,000], got -1"),
         (["--config=experiments/seed_mlp.py:huge"], "unknown variant 'huge'"),
+        (["--config=experiments/seed_mlp.py", "--config.batch_size=100000"],
+         "config.batch_size 100000 is larger than the 60000 training examples"),
         (["--workdir_typo=x"], "Unknown command line flag 'workdir_typo'"),
     ],
 )
@@ -47,3 +50,4 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message)
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith("mnist_jax: ") and message in lines[0], lines[0]
+  assert not os.path.exists(tmp_path / "run")  # A command that fails creates nothing.
