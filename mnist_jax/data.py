@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import zipfile
 from collections.abc import Callable, Iterator
@@ -185,26 +186,28 @@ def _prepare_bundled_mnist(data_dir: str | None) -> None:
 
 
 def _builder(name: str, data_dir: str | None):
-  """A prepared tfds builder for `name`, preparing the bundled MNIST where needed."""
+  """A prepared tfds builder for `name`, preparing the bundled MNIST where needed.
+
+  A prepared `name` whose files are missing, cut short or unreadable is damaged: MNIST is
+  prepared again (with a warning); another dataset is a `DataError` that says what to do.
+  """
   tfds = _tfds()
+  if name == "mnist":
+    return _prepared_mnist(data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f"unknown dataset {name!r}: not a tfds dataset name") from e
+  except Exception as e:  # pylint: disable=broad-except  # A damaged dataset_info.json, ...
+    raise _damaged(name, os.path.join(_data_root(data_dir), name), e) from None
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise DataError(f"dataset {name!r} is not an image classification dataset")
   if builder.is_prepared():
+    damage = _damaged_files(builder)
+    if damage:
+      raise _damaged(name, builder.data_dir, damage)
     return builder
-  if name == "mnist":
-    # Runs started together on a fresh data dir take turns: the first prepares, the others find it.
-    lock_dir = os.path.dirname(builder.data_dir)
-    os.makedirs(lock_dir, exist_ok=True)
-    with open(os.path.join(lock_dir, ".mnist_jax_prepare.lock"), "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
-      if not tfds.builder(name, data_dir=data_dir).is_prepared():
-        _prepare_bundled_mnist(data_dir)
-    return tfds.builder(name, data_dir=data_dir)
   # tfds retries a failed download ten times with backoff, minutes where there is no network.
   from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
 
@@ -218,6 +221,72 @@ def _builder(name: str, data_dir: str | None):
         f"({type(e).__name__}); run `tfds build {name}` on a machine with network access and "
         f"copy its data dir here (set config.data_dir or TFDS_DATA_DIR)"
     ) from e
+  return builder
+
+
+def _data_root(data_dir: str | None) -> str:
+  return os.path.expanduser(
+      data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets"))
+
+
+def _damaged_files(builder) -> str | None:
+  """What is wrong with a prepared builder's files that can be seen without reading them."""
+  for split in builder.info.splits.values():
+    if len(split.filepaths) != split.num_shards:
+      return f"split {split.name!r} lists {len(split.filepaths)} of its {split.num_shards} files"
+    expected = int(split.num_bytes) + 16 * split.num_examples  # TFRecord frames: 16 bytes.
+    sizes = [os.path.getsize(path) if os.path.exists(path) else None for path in split.filepaths]
+    if None in sizes:
+      return f"{split.filepaths[sizes.index(None)]} is missing"
+    if sum(sizes) != expected:
+      return f"split {split.name!r} has {sum(sizes)} bytes of files, not {expected}"
+  return None
+
+
+def _damaged(name: str, directory: str, reason: Any) -> DataError:
+  again = ("the next run prepares it again from the bundled files" if name == "mnist"
+           else f"then prepare it again (`tfds build {name}`)")
+  return DataError(f"tfds' prepared {name!r} in {directory} is damaged ({_gist(reason)}); "
+                   f"delete that directory: {again}")
+
+
+def _gist(reason: Any) -> str:
+  lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+  text = lines[0][:200] if lines else ""
+  return text if isinstance(reason, str) else f"{type(reason).__name__}: {text}"
+
+
+def _prepared_mnist(data_dir: str | None):
+  """tfds' mnist, prepared from the bundled files where it is not prepared or is damaged."""
+  tfds = _tfds()
+  version_dir = os.path.join(_data_root(data_dir), "mnist", str(tfds.image_classification.MNIST.VERSION))
+
+  def prepared(repair: bool):
+    """The builder if prepared and whole, else None; with `repair`, a damaged one is removed
+    (with a warning)."""
+    try:
+      builder = tfds.builder("mnist", data_dir=data_dir)
+      damage = _damaged_files(builder) if builder.is_prepared() else None
+    except Exception as e:  # pylint: disable=broad-except  # A damaged dataset_info.json, ...
+      builder, damage = None, _gist(e)
+    if builder is not None and builder.is_prepared() and damage is None:
+      return builder
+    if repair and os.path.exists(version_dir) and (damage or os.listdir(version_dir)):
+      print(f"mnist_jax: warning: tfds' prepared mnist in {version_dir} is damaged "
+            f"({damage or 'no dataset_info.json'}); preparing it again", file=sys.stderr, flush=True)
+      shutil.rmtree(version_dir)
+    return None
+
+  builder = prepared(repair=False)
+  if builder is None:
+    # Runs started together on a fresh data dir take turns: the first prepares, the others find it.
+    os.makedirs(os.path.dirname(version_dir), exist_ok=True)
+    with open(os.path.join(os.path.dirname(version_dir), ".mnist_jax_prepare.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
+      builder = prepared(repair=True)
+      if builder is None:
+        _prepare_bundled_mnist(data_dir)
+        builder = tfds.builder("mnist", data_dir=data_dir)
   return builder
 
 
@@ -269,9 +338,10 @@ def _whole_split_labels(name: str, split: str, data_dir: str | None) -> np.ndarr
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
   """Loads a whole tfds split into memory as uint8 images and int32 labels."""
   builder = _builder(name, data_dir)
-  arrays = _tfds().as_numpy(
-      builder.as_dataset(split=split, batch_size=-1, as_supervised=True, shuffle_files=False)
-  )
+  with _read_errors(name, builder):
+    arrays = _tfds().as_numpy(
+        builder.as_dataset(split=split, batch_size=-1, as_supervised=True, shuffle_files=False)
+    )
   images, labels = arrays
   return Split(images, labels.astype(np.int32))
 
@@ -343,8 +413,7 @@ def _kept_path(name: str, filename: str, data_dir: str | None) -> str | None:
   """Where decoded arrays and info of `name` are kept: beside tfds' files, under a digest of the
   prepared dataset's `dataset_info.json`, so that a dataset prepared anew is decoded anew. None
   where tfds has prepared no `name` in the data dir (as under `tfds.testing.mock_data`)."""
-  root = os.path.expanduser(
-      data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets"))
+  root = _data_root(data_dir)
   infos = glob.glob(os.path.join(glob.escape(root), name, "*", "dataset_info.json"))
   if not infos:
     return None
@@ -400,7 +469,8 @@ def stream_batches(
   tfds = _tfds()
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  ds = _builder(name, data_dir).as_dataset(split=split, as_supervised=True, shuffle_files=False)
+  builder = _builder(name, data_dir)
+  ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
   if shuffle_seed is not None:
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
   ds = ds.batch(batch_size, drop_remainder=shuffle_seed is not None)
@@ -416,4 +486,18 @@ def stream_batches(
     }
 
   ds = ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+  with _read_errors(name, builder):
+    yield from tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
+
+
+@contextlib.contextmanager
+def _read_errors(name: str, builder) -> Iterator[None]:
+  """TensorFlow's errors for files that cannot be read (gone, corrupted) as `DataError`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  try:
+    yield
+  except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
+    # "{{function_node ...}} corrupted record at 9915852 [Op:...]" -> "corrupted record at 9915852"
+    reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message).strip()
+    raise _damaged(name, builder.data_dir, reason) from None

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -149,3 +150,53 @@ def test_unknown_dataset_is_a_clear_error():
   with pytest.raises(data.DataError, match="unknown dataset 'no_such_dataset'"):
     data.dataset_info("no_such_dataset")
 
+
+
+def _truncate(path, size):
+  with open(path, "r+b") as f:
+    f.truncate(size)
+
+
+def _flip_middle_byte(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+
+
+_TEST_RECORDS = "mnist-test.tfrecord-00000-of-00001"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: os.remove(d / _TEST_RECORDS), "{dir}/" + _TEST_RECORDS + " is missing"),
+    (lambda d: _truncate(d / _TEST_RECORDS, 1000), "split 'test' has 1000 bytes of files"),
+    (lambda d: os.remove(d / "dataset_info.json"), "no dataset_info.json"),
+    (lambda d: _truncate(d / "dataset_info.json", 100), "ParseError"),
+])
+def test_damaged_prepared_mnist_is_prepared_again(tmp_path, monkeypatch, capsys, mnist_test,
+                                                  damage, reason):
+  prepared = data._builder("mnist", None).data_dir  # The suite's, whole.
+  version_dir = tmp_path / "mnist" / os.path.basename(prepared)
+  shutil.copytree(prepared, version_dir)
+  damage(version_dir)
+  # Preparing is tested where the suite first loads MNIST; here a copy of its result stands in.
+  monkeypatch.setattr(data, "_prepare_bundled_mnist",
+                      lambda data_dir: shutil.copytree(prepared, version_dir))
+  split = data.load_tfds("mnist", "test", str(tmp_path))
+  np.testing.assert_array_equal(split.labels_N, mnist_test.labels_N)
+  err = capsys.readouterr().err
+  assert f"prepared mnist in {version_dir} is damaged ({reason.format(dir=version_dir)}" in err
+  assert "preparing it again" in err
+
+
+def test_a_corrupted_record_names_the_damaged_directory(tmp_path, mnist_test):
+  del mnist_test  # Prepared.
+  prepared = data._builder("mnist", None).data_dir
+  version_dir = tmp_path / "mnist" / os.path.basename(prepared)
+  shutil.copytree(prepared, version_dir)
+  _flip_middle_byte(version_dir / _TEST_RECORDS)
+  with pytest.raises(data.DataError, match=rf"'mnist' in {version_dir} is damaged \(corrupted record "
+                                           rf"at \d+\); delete that directory"):
+    data.load_tfds("mnist", "test", str(tmp_path))
+  with pytest.raises(data.DataError, match="corrupted record"):
+    list(data.stream_batches("mnist", "test", batch_size=1000, mean=0.0, std=1.0,
+                             data_dir=str(tmp_path)))
