@@ -19,11 +19,23 @@ import signal
 import sys
 from typing import Any
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from mnist_jax import errors, parallel
+def _interrupted(signum: int, frame: Any) -> None:
+  del frame
+  print("mnist_jax: interrupted", file=sys.stderr, flush=True)
+  raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+  # Ctrl-C ends the command with one line, from here on: the imports below take a second.
+  # Training stops at the end of an epoch instead (checkpoints.py), and restores this after.
+  signal.signal(signal.SIGINT, _interrupted)
+
+import jax  # pylint: disable=wrong-import-position
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from mnist_jax import errors, parallel  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -58,6 +70,9 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes (--multihost).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 first (--multihost).")
+_MULTIHOST_TIMEOUT = flags.DEFINE_integer(
+    "multihost_timeout", 300, "Seconds to wait for every process to join (--multihost).", lower_bound=1
+)
 
 
 def _one_line(error: Exception) -> str:
@@ -172,7 +187,7 @@ def main(argv: list[str]) -> None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
-  cluster = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID)
+  cluster = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID, _MULTIHOST_TIMEOUT)
   if not _MULTIHOST.value and any(flag.present for flag in cluster):
     sys.exit(f"mnist_jax: --{next(f for f in cluster if f.present).name} needs --multihost")
   try:

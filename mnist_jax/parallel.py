@@ -13,6 +13,8 @@ all draw the same epoch permutations from the same keys.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -35,18 +37,34 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout_s: int = 300,
 ) -> None:
   """Joins this process to the others through `jax.distributed.initialize`.
 
   Arguments left as None are detected by JAX where it knows the cluster (Cloud TPU, SLURM, Open
   MPI). CPU processes exchange collectives through gloo. Must run before any other JAX call.
+  Where not every process has joined after `timeout_s`, exits with one line (JAX itself would
+  abort with a C++ stack trace, which no Python code can catch).
   """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  where = coordinator_address or "the coordinator the cluster names"
+  print(f"joining {num_processes or 'all'} processes at {where} (up to {timeout_s} s)", flush=True)
+  joined = threading.Event()
+
+  def give_up() -> None:
+    if not joined.wait(timeout_s):
+      print(f"mnist_jax: not every process joined at {where} within {timeout_s} s "
+            f"(--multihost_timeout); start them all with the same --coordinator_address and "
+            f"--num_processes, each with its own --process_id", file=sys.stderr, flush=True)
+      os._exit(1)  # pylint: disable=protected-access  # The main thread is blocked in C++.
+
+  threading.Thread(target=give_up, daemon=True).start()
   try:
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        initialization_timeout=timeout_s + 60,  # After ours.
     )
   except (ValueError, TypeError, RuntimeError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -55,6 +73,8 @@ def initialize_distributed(
       hint = "; outside Cloud TPU, SLURM and Open MPI give the coordinator address, the number "
       hint += "of processes and this process's id"
     raise ParallelError(f"jax.distributed.initialize failed ({first_line}){hint}") from e
+  finally:
+    joined.set()
 
 
 # Flags `set_xla_flags` adds unless `XLA_FLAGS` names them already; each reaches one backend.

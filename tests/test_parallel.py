@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, run_main
+from conftest import REPO, load_config, main_in_process, run_main
 from mnist_jax import data, parallel, predict, steps, train
 from parallel_worker import local_params
 
@@ -144,11 +144,25 @@ def test_a_batch_that_does_not_divide_among_devices_names_sizes_that_do(tmp_path
   )
 
 
-@pytest.mark.parametrize("flag", ["--process_id=1", "--coordinator_address=localhost:1234"])
+@pytest.mark.parametrize(
+    "flag", ["--process_id=1", "--coordinator_address=localhost:1234", "--multihost_timeout=5"])
 def test_cluster_flags_need_multihost(tmp_path, flag):
-  result = run_main(*_smoke_flags(tmp_path, 1), flag)
+  result = main_in_process(*_smoke_flags(tmp_path, 1), flag)
   assert result.returncode != 0
   assert result.stderr.strip() == f"mnist_jax: --{flag[2:].split('=')[0]} needs --multihost"
+
+
+def test_a_process_whose_peers_never_come_gives_up_in_one_line(tmp_path):
+  address = f"localhost:{_free_port()}"
+  result = run_main(*_smoke_flags(tmp_path / "run", 1), "--multihost", f"--coordinator_address={address}",
+                    "--num_processes=2", "--process_id=1", "--multihost_timeout=2")
+  assert result.returncode == 1
+  assert result.stdout == f"joining 2 processes at {address} (up to 2 s)\n"
+  assert result.stderr == (f"mnist_jax: not every process joined at {address} within 2 s "
+                           "(--multihost_timeout); start them all with the same "
+                           "--coordinator_address and --num_processes, each with its own "
+                           "--process_id\n")
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_multihost_outside_a_cluster_it_can_detect_asks_for_the_cluster_flags(tmp_path):

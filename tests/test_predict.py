@@ -1,7 +1,11 @@
 """Using a trained model: `--mode=eval`, `--mode=predict`, and `predict.probabilities`."""
 
 import json
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import jax
@@ -9,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from conftest import load_config, run_main, train_and_report
+from conftest import REPO, load_config, run_main, train_and_report
 from mnist_jax import predict
 
 
@@ -160,3 +164,20 @@ def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_
       {"params": params}, images.astype(np.float32) / 255.0, train=False))
   np.testing.assert_allclose(probs, (apply(first) + apply(second)) / 2, rtol=1e-5, atol=1e-6)
   assert not np.allclose(apply(first), apply(second), atol=1e-3)  # Two models, not one twice.
+
+
+def test_ctrl_c_at_any_moment_of_predict_is_one_line(workdir, mnist_test, tmp_path):
+  images = ",".join(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png")
+                    for i in range(20))
+  outcomes = set()
+  for delay in (0.3, 0.8, 1.3, 1.8):  # Importing, restoring, predicting, or done.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_jax.main", "--mode=predict", f"--workdir={workdir}",
+         f"--images={images}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    outcomes.add(process.returncode)
+    if process.returncode != 0:
+      assert (process.returncode, stderr) == (128 + signal.SIGINT, "mnist_jax: interrupted\n")
+  assert 128 + signal.SIGINT in outcomes
