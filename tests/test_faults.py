@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import load_config, run_main, train_and_report
-from mnist_jax import train
+from mnist_jax import rundir, train
 
 SMOKE = "--config=experiments/seed_mlp.py:smoke"
 STEPS_PER_EPOCH = 60_000 // 128
@@ -89,3 +89,14 @@ def test_a_read_only_workdir_is_one_line_and_eval_still_reads_it(tmp_path, two_e
     assert result.stderr.splitlines() == [f"mnist_jax: {message.format(run=disk / 'run')}"]
     result = run_main("--mode=eval", f"--workdir={disk / 'run'}")
     assert result.returncode == 0 and result.stdout.startswith("checkpoint"), result.stderr
+
+
+def test_a_run_file_that_does_not_fit_leaves_the_previous_version(tmp_path):
+  with _tmpfs(tmp_path / "disk", "1m") as disk:
+    rundir.write_text(str(disk / rundir.METRICS), "the previous version\n")
+    _fill(disk, 8 * 1024)
+    with pytest.raises(rundir.RunFileError,
+                       match=rf"cannot write {disk}/metrics.jsonl \(No space left on device\)"):
+      rundir.write_text(str(disk / rundir.METRICS), "x" * 100_000)
+    assert (disk / rundir.METRICS).read_text() == "the previous version\n"
+    assert sorted(os.listdir(disk)) == ["filler", rundir.METRICS]  # No temporary file left.
