@@ -244,10 +244,10 @@ def _damaged_files(builder) -> str | None:
 
 
 def _damaged(name: str, directory: str, reason: Any) -> DataError:
-  again = ("the next run prepares it again from the bundled files" if name == "mnist"
-           else f"then prepare it again (`tfds build {name}`)")
+  again = (", and the next run prepares it again from the bundled files" if name == "mnist"
+           else f", then prepare it again with `tfds build {name}`")
   return DataError(f"tfds' prepared {name!r} in {directory} is damaged ({_gist(reason)}); "
-                   f"delete that directory: {again}")
+                   f"delete that directory{again}")
 
 
 def _gist(reason: Any) -> str:

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from unittest import mock
 
+import jax
 import ml_collections
 import pytest
 
@@ -25,6 +26,10 @@ def pytest_configure(config):
   """
   del config
   os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
+  # Many tests compile the same programs (the smoke config's epoch and evaluation): JAX's
+  # persistent cache, fresh for each session, compiles each once. Executables are the same bits.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["TFDS_DATA_DIR"], "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   parallel.set_xla_flags()  # As `main.py` does.
   # On a GPU, the runs that tests start share it with this process: JAX's default of taking 75% of
   # its memory up front would leave them out-of-memory retries on stderr.
@@ -61,7 +66,7 @@ def main_in_process(*args: str) -> subprocess.CompletedProcess:
 
   from mnist_jax import main  # pylint: disable=import-outside-toplevel
 
-  # No compilation cache: it would stay on for the rest of the test process.
+  # The session's compilation cache (pytest_configure), not the user's.
   argv = ["mnist_jax.main", *args, "--jax_cache_dir="]
   stdout, stderr = io.StringIO(), io.StringIO()
   returncode = 0

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, load_config, run_main
+from conftest import REPO, load_config, main_in_process
 from mnist_jax import checkpoints, data, pipelines, predict, rundir, steps, train
 
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
@@ -178,7 +178,7 @@ def test_a_second_training_run_in_the_same_workdir_refuses(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="in use by a training run"):
       with checkpoints.TrainingCheckpoints(str(tmp_path), _config()):
         pass
-    result = run_main("--config=experiments/seed_mlp.py:smoke", f"--workdir={tmp_path}")
+    result = main_in_process("--config=experiments/seed_mlp.py:smoke", f"--workdir={tmp_path}")
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("mnist_jax: "), result.stderr

@@ -6,20 +6,23 @@ import os
 import numpy as np
 import pytest
 
-from conftest import load_config, run_main, train_and_report
+from conftest import load_config, main_in_process, train_and_report
+from mnist_jax import data
 
 
 NUM_EXAMPLES = 512
 
 
 @pytest.fixture
-def mock_fashion_mnist(tmp_path):
+def mock_fashion_mnist(tmp_path, monkeypatch):
   """tfds' random examples for fashion_mnist, with split sizes written as real metadata.
 
-  Without metadata, mock_data knows no split sizes, and `batch_size=-1` loads then fail.
+  Without metadata, mock_data knows no split sizes, and `batch_size=-1` loads then fail. Its
+  examples come from no files, which `data` would otherwise take for a damaged dataset.
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
+  monkeypatch.setattr(data, "_damaged_files", lambda builder: None)
   metadata_dir = tmp_path / "tfds_metadata"
   builder = tfds.builder("fashion_mnist", data_dir=str(metadata_dir))
   builder.info.set_splits(tfds.core.SplitDict([
@@ -54,7 +57,7 @@ def test_fashion_configs_train_on_mocked_fashion_mnist(tmp_path, mock_fashion_mn
 
 
 def test_fashion_config_offline_is_one_clear_line(tmp_path):
-  result = run_main("--config=experiments/fashion_mlp.py:smoke", f"--workdir={tmp_path}")
+  result = main_in_process("--config=experiments/fashion_mlp.py:smoke", f"--workdir={tmp_path}")
   assert result.returncode != 0
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, result.stderr

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import load_config, run_main, train_and_report
+from conftest import load_config, main_in_process, run_main, train_and_report
 from mnist_jax import rundir, train
 
 SMOKE = "--config=experiments/seed_mlp.py:smoke"
@@ -52,6 +52,7 @@ def _epochs(workdir):
           for r in records]
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_at_the_checkpoint_and_a_resume_ends_as_if_it_never_did(
     tmp_path, two_epochs):
   with _tmpfs(tmp_path / "disk", "16m") as disk:
@@ -84,10 +85,10 @@ def test_a_read_only_workdir_is_one_line_and_eval_still_reads_it(tmp_path, two_e
   with _tmpfs(tmp_path / "disk", "16m") as disk:
     shutil.copytree(two_epochs, disk / "run")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-    result = run_main(*args, f"--workdir={disk / 'run'}")
+    result = main_in_process(*args, f"--workdir={disk / 'run'}")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"mnist_jax: {message.format(run=disk / 'run')}"]
-    result = run_main("--mode=eval", f"--workdir={disk / 'run'}")
+    result = main_in_process("--mode=eval", f"--workdir={disk / 'run'}")
     assert result.returncode == 0 and result.stdout.startswith("checkpoint"), result.stderr
 
 

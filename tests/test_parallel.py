@@ -104,8 +104,6 @@ def test_two_processes_on_localhost_train_like_one(tmp_path):
           tmp_path / "params", [*_smoke_flags(tmp_path / "run", 1), *cluster,
                                 f"--process_id={process_id}"],
           "--xla_force_host_platform_device_count=2", tmp_path / f"log{process_id}",
-          # One data dir that MNIST is not yet prepared in: process 0 prepares it, then the other.
-          TFDS_DATA_DIR=str(tmp_path / "tfds"),
       ))
     _wait_for_all(workers, timeout=150)
   finally:  # A worker still running here is stuck: the other one failed, or time ran out.
