@@ -47,11 +47,13 @@ _JAX_CACHE_DIR = flags.DEFINE_string(
     "Persistent compilation cache, so a second run skips compiling; empty to turn it off.",
 )
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "predict", "explore", "report", "sweep"],
+    "mode", "train", ["train", "eval", "predict", "explore", "report", "sweep", "attack"],
     "train: train (or resume) and evaluate, then write the report; eval: a checkpoint's test "
-    "metrics; predict: the class of each of --images; explore: the dataset's shapes, class counts "
-    "and plots; report: redraw the report of the finished run in --workdir; sweep: train each "
-    "point of the config file's get_sweep() into --workdir/<point>/seed_<seed>/ and rank them.",
+    "metrics, or its report on the labelled folder --images_dir; predict: the class of each of "
+    "--images; explore: the dataset's shapes, class counts and plots; report: redraw the report "
+    "of the finished run in --workdir; sweep: train each point of the config file's get_sweep() "
+    "into --workdir/<point>/seed_<seed>/ and rank them; attack: test accuracy under FGSM and PGD "
+    "at each of --eps, with a report in --workdir/attack/.",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
@@ -61,6 +63,19 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "eval/predict: 'best' (by test accuracy), 'latest', or a step number."
 )
 _IMAGES = flags.DEFINE_list("images", [], "predict: comma-separated image files.")
+_IMAGES_DIR = flags.DEFINE_string(
+    "images_dir", None, "eval: a folder with a subfolder of images per class (0/, 1/, ...); the "
+    "report goes to --workdir/eval/<folder name>/.")
+_CALIBRATED = flags.DEFINE_bool(
+    "calibrated", False, "eval/predict: divide the logits by the temperature fitted on the run's "
+    "held-out data (the validation split, else the last tenth of the training split).")
+_EPS = flags.DEFINE_list(
+    "eps", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"],
+    "attack: L-infinity budgets, in pixel units after dividing by 255.")
+_PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "attack: PGD's steps, the first being FGSM's.",
+                                  lower_bound=1)
+_ATTACK_EXAMPLES = flags.DEFINE_integer(
+    "attack_examples", None, "attack: only the first this many test images.", lower_bound=1)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join the other processes through jax.distributed.initialize; on Cloud "
     "TPU, SLURM and Open MPI it finds them itself, elsewhere give the three flags below.",
@@ -127,13 +142,49 @@ def _train() -> None:
 
 
 def _eval() -> None:
-  from mnist_jax import pipelines, predict  # pylint: disable=import-outside-toplevel
+  from mnist_jax import calibration, data, pipelines, predict, studies  # pylint: disable=import-outside-toplevel
 
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  if _IMAGES_DIR.value:
+    result = studies.evaluate_folder(model, _IMAGES_DIR.value, _WORKDIR.value, _CALIBRATED.value)
+    seeds = result["accuracy_per_seed"]
+    per_seed = f" (per seed: {', '.join(f'{a:.4f}' for a in seeds)})" if len(seeds) > 1 else ""
+    calibrated = f"  temperature {result['temperature']:.4f}" if _CALIBRATED.value else ""
+    print(f"checkpoint {model.step}  {result['images']} images  accuracy {result['accuracy']:.4f}"
+          f"{per_seed}  nll {result['nll']:.4f}  ece {result['ece']:.4f}{calibrated}  "
+          f"{result['images_per_s_predicting']:.0f} images/s\nreport: {result['report']}")
+    return
   metrics = pipelines.evaluate_test_split(model.config, model.state)
   show = lambda values: repr(values.item()) if values.ndim == 0 else str(values.tolist())  # Seeds.
   print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {show(metrics['loss'])}  "
         f"test_accuracy {show(metrics['accuracy'])}  test_examples {int(metrics['count'].max())}")
+  if _CALIBRATED.value:
+    temperature, fitted_on = studies.fit_temperature(model)
+    test = data.load_split(model.config.dataset, "test", model.config.data_dir)
+    log_probs_NC, _ = studies.log_probabilities(model, test.images_NHWC)
+    scores = [(calibration.negative_log_likelihood(log_probs_NC, test.labels_N, t),
+               calibration.expected_calibration_error(
+                   calibration.probabilities(log_probs_NC, t), test.labels_N))
+              for t in (1.0, temperature)]
+    print(f"temperature {temperature:.4f} (fitted on {fitted_on})  test_nll {scores[0][0]:.4f} -> "
+          f"{scores[1][0]:.4f}  test_ece {scores[0][1]:.4f} -> {scores[1][1]:.4f}")
+
+
+def _attack() -> None:
+  from mnist_jax import predict, studies  # pylint: disable=import-outside-toplevel
+
+  try:
+    eps = [float(e) for e in _EPS.value]
+  except ValueError:
+    sys.exit(f"mnist_jax: --eps must be numbers, got {','.join(_EPS.value)}")
+  if not all(0.0 <= e <= 1.0 for e in eps):
+    sys.exit(f"mnist_jax: --eps must be in [0, 1] (pixels / 255), got {','.join(_EPS.value)}")
+  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  result = studies.attack(model, _WORKDIR.value, eps, _PGD_STEPS.value, _ATTACK_EXAMPLES.value)
+  print(f"checkpoint {model.step}  clean accuracy {result.clean_accuracy:.4f}")
+  for e, fgsm, pgd in zip(result.eps, result.fgsm_accuracy, result.pgd_accuracy):
+    print(f"eps {e:<5g}  fgsm {fgsm:.4f}  pgd {pgd:.4f}")
+  print(f"report: {os.path.join(_WORKDIR.value, studies.ATTACK_DIR, 'report.md')}")
 
 
 def _predict() -> int:
@@ -144,10 +195,15 @@ def _predict() -> int:
 
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
   class_names = predict.dataset_info(model.meta).class_names
+  temperature = 1.0
+  if _CALIBRATED.value:
+    from mnist_jax import studies  # pylint: disable=import-outside-toplevel
+
+    temperature = studies.fit_temperature(model)[0]
   failed = 0
   for path in _IMAGES.value:
     try:
-      probs = predict.probabilities(model, [predict.load_image(path)])[0]
+      probs = predict.probabilities(model, [predict.load_image(path)], temperature=temperature)[0]
     except predict.ImageError as e:
       print(f"mnist_jax: {path}: {e}", file=sys.stderr, flush=True)
       failed += 1
@@ -199,6 +255,8 @@ def main(argv: list[str]) -> None:
       _eval()
     elif _MODE.value == "predict":
       sys.exit(_predict())
+    elif _MODE.value == "attack":
+      _attack()
     elif _MODE.value == "explore":
       from mnist_jax import explore  # pylint: disable=import-outside-toplevel
 

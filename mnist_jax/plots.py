@@ -199,3 +199,44 @@ def confusion_matrix(
   precision_ax.set_xlabel("predicted class")
   fig.suptitle(title)
   return fig
+
+
+def reliability_diagram(edges_B1: np.ndarray, accuracy_B: np.ndarray, confidence_B: np.ndarray,
+                        counts_B: np.ndarray, title: str) -> Figure:
+  """Accuracy per confidence bin against the diagonal of perfect calibration, and how many
+  examples each bin holds (log scale) beneath."""
+  fig = Figure(figsize=(5.5, 6.5), layout="constrained")
+  ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+  centres, width = (edges_B1[:-1] + edges_B1[1:]) / 2, np.diff(edges_B1)
+  filled = counts_B > 0
+  ax.bar(centres[filled], accuracy_B[filled], width[filled], color="tab:blue", edgecolor="white",
+         label="accuracy")
+  ax.bar(centres[filled], (confidence_B - accuracy_B)[filled], width[filled],
+         bottom=accuracy_B[filled], color="tab:red", alpha=0.3, label="gap to confidence")
+  ax.plot([0, 1], [0, 1], color="0.4", linestyle="--", label="perfect calibration")
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1)
+  ax.legend(loc="upper left")
+  count_ax.bar(centres, np.maximum(counts_B, 0), width, color="0.6", edgecolor="white", log=True)
+  count_ax.set_xlabel("confidence (top class probability)")
+  count_ax.set_ylabel("examples")
+  count_ax.set_xlim(0, 1)
+  fig.suptitle(title)
+  return fig
+
+
+def robustness_curves(eps: Sequence[float], accuracies: dict[str, Sequence[float]],
+                      title: str) -> Figure:
+  """Accuracy against the attack's L-infinity budget, one line per attack."""
+  fig = Figure(figsize=(6, 4.5), layout="constrained")
+  ax = fig.subplots()
+  for name, values in accuracies.items():
+    ax.plot(eps, values, marker="o", label=name)
+  ax.set_xlabel("eps (pixels / 255)")
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1)
+  ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.suptitle(title)
+  return fig

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -145,7 +146,8 @@ def mnist_like(image: np.ndarray) -> np.ndarray:
 
 
 def probabilities(
-    model: checkpoints.Restored, images: Sequence[np.ndarray] | np.ndarray, *, preprocess: bool = True
+    model: checkpoints.Restored, images: Sequence[np.ndarray] | np.ndarray, *, preprocess: bool = True,
+    temperature: float = 1.0,
 ) -> np.ndarray:
   """Class probabilities `[N, num_classes]` of a trained model for N digit images; of a run of
   `config.num_seeds` models, the mean of theirs (an ensemble).
@@ -155,6 +157,8 @@ def probabilities(
     images: N arrays of pixels 0..255, `[H, W]` or `[H, W, 1|3|4]`, any size, or one stacked array.
     preprocess: make each image MNIST-like first (`mnist_like`). Pass False for images that
       already are, e.g. the dataset's own uint8 `[N, 28, 28, 1]`.
+    temperature: divides the (ensemble's log-) probabilities before the softmax; from
+      `studies.fit_temperature`, for calibrated confidence (calibration.py).
 
   Raises:
     ImageError: an image with no digit, or of an unusable shape.
@@ -168,4 +172,8 @@ def probabilities(
     images_NHW = np.asarray(images).reshape(-1, MNIST_SIZE, MNIST_SIZE)
   normalized = data.normalize(images_NHW[..., None].astype(np.float32),
                               model.config.pixel_mean, model.config.pixel_std)
-  return np.asarray(steps.ensemble_probabilities(model.state, normalized, model.config.num_seeds))
+  probs_NC = np.asarray(steps.ensemble_probabilities(model.state, normalized, model.config.num_seeds))
+  if temperature == 1.0:
+    return probs_NC
+  with np.errstate(divide="ignore"):  # A probability of 0 stays 0.
+    return np.asarray(jax.nn.softmax(np.log(probs_NC) / temperature, axis=-1))

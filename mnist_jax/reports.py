@@ -8,6 +8,7 @@ for a finished workdir without the trained parameters.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, errors, metrics, parallel, plots, rundir, steps, summaries
+from mnist_jax import (attacks, calibration, data, errors, metrics, parallel, plots, rundir,
+                       steps, summaries)
 
 NUM_MISTAKES = 25
 
@@ -29,12 +31,25 @@ class ReportError(errors.UserError):
 
 
 def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any) -> None:
-  """Writes the test split's logits, labels and class names to `<workdir>/predictions.npz`."""
+  """Writes to `<workdir>/predictions.npz` the test split's logits, labels and class names, the
+  temperature fitted on held-out data (calibration.py), and the saliency maps of the most
+  confident mistakes: all the report needs of the trained parameters."""
   info = data.dataset_info(config.dataset, config.data_dir)
+  model_logits = lambda images: steps.logits(state, images, batch_size=config.eval_batch_size,
+                                             mean=config.pixel_mean, std=config.pixel_std)
   test = data.load_split(config.dataset, "test", config.data_dir)
-  logits_NC = steps.logits(state, test.images_NHWC, batch_size=config.eval_batch_size,
-                           mean=config.pixel_mean, std=config.pixel_std)
-  rundir.write_predictions(workdir, logits_NC, test.labels_N, info.class_names)
+  logits_NC = model_logits(test.images_NHWC)
+  split, fitted_on = calibration.held_out_split(config)
+  held_out = data.load_split(config.dataset, split, config.data_dir)
+  temperature = calibration.fit_temperature(model_logits(held_out.images_NHWC), held_out.labels_N)
+  mistakes = most_confident_mistakes(calibration.probabilities(logits_NC), test.labels_N,
+                                     NUM_MISTAKES)
+  saliency_KHWC = attacks.saliency(state, test.images_NHWC[mistakes], logits_NC[mistakes].argmax(1),
+                                   mean=config.pixel_mean, std=config.pixel_std)
+  rundir.write_predictions(
+      workdir, logits_NC, test.labels_N, info.class_names, temperature=np.float32(temperature),
+      temperature_fitted_on=np.array(f"{split}, {fitted_on}"),
+      saliency_KHW=np.asarray(saliency_KHWC).max(axis=-1), saliency_index_K=mistakes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,18 +116,77 @@ The figures and tables below are those of seed {first_seed}.
 """
 
 
-def _report_markdown(workdir, config, history, counts_CC, class_names, test_loss, mistakes) -> str:
+def _confusion_table(counts_CC: np.ndarray, class_names: list[str]) -> str:
   recall_C, precision_C = recall_and_precision(counts_CC)
+  rows = [[f"**{name}**", *counts_CC[i].tolist(), int(counts_CC[i].sum()), f"{recall_C[i]:.2%}"]
+          for i, name in enumerate(class_names)]
+  rows.append(["**precision**", *(f"{p:.2%}" for p in precision_C), "", ""])
+  return _markdown_table(["true (row), predicted (column)", *class_names, "examples", "recall"],
+                         rows)
+
+
+def _calibration_section(logits_NC: np.ndarray, labels_N: np.ndarray, temperature: float | None,
+                         fitted_on: str, figure: str) -> str:
+  """Markdown: NLL, ECE and mean confidence as trained and, where fitted, temperature scaled."""
+  rows = []
+  for name, t in [("as trained", 1.0)] + ([] if temperature is None else
+                                         [(f"temperature scaled, T = {temperature:.3f}", temperature)]):
+    probs_NC = calibration.probabilities(logits_NC, t)
+    rows.append([name, f"{calibration.negative_log_likelihood(logits_NC, labels_N, t):.4f}",
+                 f"{calibration.expected_calibration_error(probs_NC, labels_N):.4f}",
+                 f"{probs_NC.max(1).mean():.4f}", f"{np.mean(probs_NC.argmax(1) == labels_N):.2%}"])
+  fitted = ("" if temperature is None else
+            f" The temperature T divides the logits and changes no prediction; it was fitted to "
+            f"minimize the NLL on {fitted_on}.")
+  return f"""
+## Calibration
+
+How far the model's confidence (its top class probability) is from its accuracy: per bin of
+confidence (15 of equal width), the accuracy of the examples in it against the diagonal; the
+expected calibration error (ECE) is the gap averaged over examples.{fitted}
+
+![reliability diagram]({figure})
+
+{_markdown_table(["probabilities", "NLL", "ECE", "mean confidence", "accuracy"], rows)}
+"""
+
+
+def _reliability_figure(logits_NC: np.ndarray, labels_N: np.ndarray, what: str):
+  probs_NC = calibration.probabilities(logits_NC)
+  bins = calibration.reliability(probs_NC, labels_N)
+  ece = calibration.expected_calibration_error(probs_NC, labels_N)
+  return lambda: plots.reliability_diagram(bins.edges, bins.accuracy, bins.confidence, bins.counts,
+                                           f"Reliability, {what}: ECE {ece:.4f}")
+
+
+def _saliency_figure(images_KHWC: np.ndarray, saliency_KHW: np.ndarray, captions: list[str]):
+  """Each mistake beside its saliency map (dark: where a change moves the prediction most)."""
+  pairs = np.empty((2 * len(images_KHWC), *images_KHWC.shape[1:]), np.uint8)
+  pairs[0::2] = images_KHWC
+  pairs[1::2] = np.round(saliency_KHW[..., None] * 255).astype(np.uint8)
+  labels = [text for caption in captions for text in (caption, "saliency")]
+  return lambda: plots.image_grid(pairs, labels, "Most confident mistakes and where the model "
+                                  "looked: |d log p(predicted) / d pixel|", ncols=10)
+
+
+_SALIENCY_TEXT = """
+## Where the model looked in its most confident mistakes
+
+Beside each mistake, the magnitude of the gradient of the predicted class's log-probability with
+respect to each pixel, scaled to its image's largest (dark: the pixels whose change would move the
+prediction most).
+
+![saliency of the mistakes]({figure})
+"""
+
+
+def _report_markdown(workdir, config, history, counts_CC, class_names, test_loss, mistakes,
+                     calibration_text, saliency_text) -> str:
   num_examples = int(counts_CC.sum())
   correct = int(np.trace(counts_CC))
   columns = metrics.table_columns(history)
   epochs = [[f"{history[field][i]:{spec}}" for _, field, spec in columns]
             for i in range(len(history["epoch"]))]
-  confusion = [
-      [f"**{name}**", *counts_CC[i].tolist(), int(counts_CC[i].sum()), f"{recall_C[i]:.2%}"]
-      for i, name in enumerate(class_names)
-  ]
-  confusion.append(["**precision**", *(f"{p:.2%}" for p in precision_C), "", ""])
   model_args = ", ".join(f"{k}={v}" for k, v in config.get("model_args", {}).items())
   return f"""# Training report: `{os.path.basename(os.path.normpath(workdir))}`
 
@@ -143,9 +217,8 @@ Rows: true class; columns: predicted class.
 
 ![confusion matrix]({rundir.PLOTS}/confusion_matrix.png)
 
-{_markdown_table(["true (row), predicted (column)", *class_names, "examples", "recall"],
-                  confusion)}
-
+{_confusion_table(counts_CC, class_names)}
+{calibration_text}
 ## The {len(mistakes)} most confident mistakes
 
 ![most confident mistakes]({rundir.PLOTS}/confident_mistakes.png)
@@ -153,7 +226,7 @@ Rows: true class; columns: predicted class.
 Test index: position in the test split as tfds orders it.
 
 {_markdown_table(["test index", "true", "predicted", "probability"], mistakes)}
-"""
+{saliency_text}"""
 
 
 def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[str, float]:
@@ -201,13 +274,25 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
           [f"{caption}\np = {p:.4f}" for caption, p in zip(captions(mistakes), mistake_probs)],
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
           [plots.WRONG_COLOR] * len(mistakes)),
+      "reliability": _reliability_figure(logits_NC, labels_N, "test split"),
   }
+  saliency_text = ""
+  if "saliency_KHW" in predictions:  # Written by versions since saliency maps.
+    shown = predictions["saliency_index_K"]
+    figures["mistake_saliency"] = _saliency_figure(
+        test.images_NHWC[shown], predictions["saliency_KHW"], captions(shown))
+    saliency_text = _SALIENCY_TEXT.format(figure=f"{rundir.PLOTS}/mistake_saliency.png")
+  temperature = float(predictions["temperature"]) if "temperature" in predictions else None
+  calibration_text = _calibration_section(
+      logits_NC, labels_N, temperature, str(predictions.get("temperature_fitted_on", "")),
+      f"{rundir.PLOTS}/reliability.png")
   plot_dir = os.path.join(workdir, rundir.PLOTS)
   seconds = plots.write_pngs(figures, plot_dir)
   mistake_rows = [[int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{p:.4f}"]
                   for i, p in zip(mistakes, mistake_probs)]
   rundir.write_text(os.path.join(workdir, rundir.REPORT), _report_markdown(
-      workdir, config, history, counts_CC, class_names, test_loss, mistake_rows))
+      workdir, config, history, counts_CC, class_names, test_loss, mistake_rows,
+      calibration_text, saliency_text))
   if writer is not None:
     writer.pngs(int(history["step"][-1]),
                 {f"report/{name}": os.path.join(plot_dir, f"{name}.png") for name in figures})
@@ -243,3 +328,114 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Any) 
 def _written_line(workdir: str, seconds: dict[str, float]) -> str:
   return (f"report: {os.path.join(workdir, rundir.REPORT)} ({len(seconds)} figures in "
           f"{sum(seconds.values()):.2f}s, slowest {max(seconds.values()):.2f}s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies of a trained model (studies.py): a labelled folder, adversarial attacks.
+
+
+def write_study(out_dir: str, title: str, images_NHWC: np.ndarray, labels_N: np.ndarray,
+                log_probs_NC: np.ndarray, class_names: tuple[str, ...], model: Any,
+                result: dict[str, Any], names: list[str]) -> dict[str, float]:
+  """`report.md` and figures of a model's predictions on a set of labelled images, with the
+  temperature of `result` applied where it was fitted."""
+  class_names = list(class_names)
+  temperature = result["temperature"] if result["temperature_fitted_on"] else None
+  probs_NC = calibration.probabilities(log_probs_NC, temperature or 1.0)
+  predicted_N = probs_NC.argmax(axis=1)
+  counts_CC = confusion_counts(labels_N, predicted_N, len(class_names))
+  mistakes = most_confident_mistakes(probs_NC, labels_N, NUM_MISTAKES)
+  captions = [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}\np = "
+              f"{probs_NC[i, predicted_N[i]]:.3f}" for i in mistakes]
+  config = model.config
+  saliency_KHWC = np.asarray(attacks.saliency(
+      model.state, images_NHWC[mistakes], predicted_N[mistakes], mean=config.pixel_mean,
+      std=config.pixel_std, num_seeds=config.num_seeds))
+  figures = {
+      "confusion_matrix": lambda: plots.confusion_matrix(
+          counts_CC, *recall_and_precision(counts_CC), class_names,
+          f"Confusion matrix, {len(labels_N)} images, accuracy {result['accuracy']:.2%}"),
+      "confident_mistakes": lambda: plots.image_grid(
+          images_NHWC[mistakes], captions,
+          f"The {len(mistakes)} most confident mistakes: prediction / truth",
+          [plots.WRONG_COLOR] * len(mistakes)),
+      "mistake_saliency": _saliency_figure(images_NHWC[mistakes], saliency_KHWC.max(axis=-1),
+                                           captions),
+      "reliability": _reliability_figure(log_probs_NC, labels_N, f"{len(labels_N)} images"),
+  }
+  seconds = plots.write_pngs(figures, out_dir)
+  seeds = result["accuracy_per_seed"]
+  summary = [[result["images"], f"{result['accuracy']:.2%}",
+              ", ".join(f"{a:.2%}" for a in seeds) if len(seeds) > 1 else "",
+              f"{result['nll']:.4f}", f"{result['ece']:.4f}", f"{result['mean_confidence']:.4f}"]]
+  rows = [[names[i], class_names[labels_N[i]], class_names[predicted_N[i]],
+           f"{probs_NC[i, predicted_N[i]]:.4f}"] for i in mistakes]
+  calibrated = f", temperature {temperature:.3f} applied" if temperature else ""
+  rundir.write_text(os.path.join(out_dir, rundir.REPORT), f"""# {title}
+
+Checkpoint {result['checkpoint']}; every image preprocessed as `--mode=predict` does{calibrated}.
+{result['images_per_s_predicting']:.0f} images/s predicting, {result['images_per_s_with_loading']:.0f}
+images/s with reading and preprocessing.
+
+{_markdown_table(["images", "accuracy", "per seed", "NLL", "ECE", "mean confidence"], summary)}
+
+## Confusion matrix
+
+![confusion matrix](confusion_matrix.png)
+
+{_confusion_table(counts_CC, class_names)}
+{_calibration_section(log_probs_NC, labels_N, temperature,
+                      result["temperature_fitted_on"], "reliability.png")}
+## The {len(mistakes)} most confident mistakes
+
+![most confident mistakes](confident_mistakes.png)
+
+{_markdown_table(["file", "true", "predicted", "probability"], rows)}
+{_SALIENCY_TEXT.format(figure="mistake_saliency.png")}""")
+  return seconds
+
+
+def write_attack_report(out_dir: str, result: attacks.Robustness, images_NHWC: np.ndarray,
+                        labels_N: np.ndarray, class_names: tuple[str, ...], step: int) -> None:
+  """`report.md`, the accuracy-against-eps curves and a gallery of adversarial examples."""
+  shown_eps = min((e for e in result.eps if e > 0), key=lambda e: abs(e - 0.1), default=0.0)
+  k = len(result.examples_pgd_KHWC[shown_eps])
+  gallery = np.concatenate([images_NHWC[:k], result.examples_fgsm_KHWC[shown_eps],
+                            result.examples_pgd_KHWC[shown_eps]])
+  truth = labels_N[:k]
+  predicted = np.concatenate([truth, result.predictions_fgsm_K[shown_eps],
+                              result.predictions_pgd_K[shown_eps]])
+  captions = [f"{attack}: {class_names[p]}" for attack, row in
+              zip(("truth", "FGSM", "PGD"), predicted.reshape(3, k)) for p in row]
+  caption_colors = [plots.RIGHT_COLOR if p == y else plots.WRONG_COLOR
+                    for p, y in zip(predicted, np.tile(truth, 3))]
+  plots.write_pngs({
+      "robustness": lambda: plots.robustness_curves(
+          result.eps, {"FGSM": result.fgsm_accuracy, f"PGD ({result.pgd_steps} steps)":
+                       result.pgd_accuracy}, f"Accuracy under attack, {len(labels_N)} test images"),
+      "adversarial_examples": lambda: plots.image_grid(
+          gallery, captions, f"Test images, then FGSM and PGD at eps {shown_eps:g}", caption_colors,
+          ncols=k),
+  }, out_dir)
+  rows = [[f"{e:g}", f"{size:.4f}", f"{fgsm:.2%}", f"{pgd:.2%}"] for e, size, fgsm, pgd in zip(
+      result.eps, result.step_sizes, result.fgsm_accuracy, result.pgd_accuracy)]
+  rundir.write_text(os.path.join(out_dir, rundir.REPORT), f"""# Adversarial robustness
+
+Checkpoint {step}, the first {len(labels_N)} test images; clean accuracy {result.clean_accuracy:.2%}.
+L-infinity attacks in pixel units after dividing by 255, pixels kept in 0..255. FGSM: one step of
+eps along the sign of the loss gradient. PGD: that step, then {result.pgd_steps - 1} more of the
+given size, each projected back into the eps-ball; the worst iterate per image counts.
+
+![accuracy against eps](robustness.png)
+
+{_markdown_table(["eps", "PGD step size", "FGSM accuracy", "PGD accuracy"], rows)}
+
+## Adversarial examples at eps {shown_eps:g}
+
+![adversarial examples](adversarial_examples.png)
+""")
+  rundir.write_text(os.path.join(out_dir, "results.json"), json.dumps({
+      "checkpoint": step, "examples": len(labels_N), "eps": result.eps,
+      "clean_accuracy": result.clean_accuracy, "fgsm_accuracy": result.fgsm_accuracy,
+      "pgd_accuracy": result.pgd_accuracy, "pgd_steps": result.pgd_steps,
+      "pgd_step_sizes": result.step_sizes}, indent=2) + "\n")

@@ -149,10 +149,17 @@ def read_final(workdir: str) -> dict[str, Any]:
 
 
 def write_predictions(workdir: str, logits_NC: np.ndarray, labels_N: np.ndarray,
-                      class_names: Sequence[str]) -> None:
+                      class_names: Sequence[str], **extras: np.ndarray) -> None:
+  """The test logits, labels and class names; `extras` are `_EXTRAS` (see read_predictions)."""
+  assert set(extras) <= set(_EXTRAS), extras
   write_atomic(os.path.join(workdir, PREDICTIONS), lambda f: np.savez_compressed(
       f, logits_NC=logits_NC.astype(np.float32), labels_N=labels_N,
-      class_names=np.array(class_names)))
+      class_names=np.array(class_names), **extras))
+
+
+# Written by newer versions: the temperature fitted on held-out data (and a description of it),
+# and the saliency maps `[K, H, W]` of the K test images at `saliency_index_K`.
+_EXTRAS = ("temperature", "temperature_fitted_on", "saliency_KHW", "saliency_index_K")
 
 
 def read_predictions(workdir: str) -> dict[str, np.ndarray]:
@@ -161,6 +168,7 @@ def read_predictions(workdir: str) -> dict[str, np.ndarray]:
   try:
     with np.load(path, allow_pickle=False) as saved:
       logits_NC, labels_N, names_C = (saved[k] for k in ("logits_NC", "labels_N", "class_names"))
+      extras = {k: saved[k] for k in _EXTRAS if k in saved.files}
   except FileNotFoundError:
     raise RunFileError(f"{path} does not exist") from None
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
@@ -172,5 +180,12 @@ def read_predictions(workdir: str) -> dict[str, np.ndarray]:
   if not (shapes_fit and types_fit and ((labels_N >= 0) & (labels_N < num_classes)).all()):
     raise RunFileError(f"{path} is damaged (logits {logits_NC.shape}, labels {labels_N.shape}, "
                        f"{num_classes} class names)")
+  saliency_fits = ("saliency_KHW" not in extras) == ("saliency_index_K" not in extras) and (
+      "saliency_KHW" not in extras
+      or (extras["saliency_KHW"].ndim == 3 and len(extras["saliency_KHW"]) == len(
+          extras["saliency_index_K"]) and np.all(extras["saliency_index_K"] < len(labels_N))))
+  temperature = extras.get("temperature", np.float32(1.0))
+  if not (saliency_fits and temperature.ndim == 0 and np.isfinite(temperature) and temperature > 0):
+    raise RunFileError(f"{path} is damaged (its temperature or saliency maps)")
   return {"logits_NC": logits_NC, "labels_N": labels_N,
-          "class_names": [str(name) for name in names_C]}
+          "class_names": [str(name) for name in names_C], **extras}

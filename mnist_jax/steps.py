@@ -194,20 +194,29 @@ def evaluate(
 
 
 def logits(state: TrainState, images_NHWC: np.ndarray, *, batch_size: int, mean: float,
-           std: float) -> np.ndarray:
-  """Logits `[N, num_classes]` of the model in `state` for uint8 images, in batches of one shape."""
+           std: float, num_seeds: int = 1) -> np.ndarray:
+  """Logits `[N, num_classes]` of the model in `state` for uint8 images, in batches of one shape;
+  `[num_seeds, N, num_classes]` for a state of several seeds."""
   num_examples = len(images_NHWC)
   padding = -num_examples % batch_size  # One batch shape, so one compilation.
   images_NHWC = np.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3)
-  batches = [_batch_logits(state, images_NHWC[i : i + batch_size], mean, std)
+  batches = [_batch_logits(state, images_NHWC[i : i + batch_size], mean, std, num_seeds)
              for i in range(0, len(images_NHWC), batch_size)]
-  return np.concatenate(jax.device_get(batches))[:num_examples]
+  return np.concatenate(jax.device_get(batches), axis=-2)[..., :num_examples, :]
 
 
-@functools.partial(jax.jit, static_argnames=("mean", "std"))
-def _batch_logits(state: TrainState, images_BHWC: jax.Array, mean: float, std: float) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("mean", "std", "num_seeds"))
+def _batch_logits(state: TrainState, images_BHWC: jax.Array, mean: float, std: float,
+                  num_seeds: int) -> jax.Array:
   images_BHWC = data.normalize(images_BHWC.astype(jnp.float32), mean, std)
-  return state.apply_fn({"params": state.params}, images_BHWC, train=False)
+  apply = lambda params: state.apply_fn({"params": params}, images_BHWC, train=False)
+  return apply(state.params) if num_seeds == 1 else jax.vmap(apply)(state.params)
+
+
+def ensemble_log_probabilities(logits_SNC: np.ndarray) -> np.ndarray:
+  """Log of the mean of several models' softmax probabilities `[N, C]`, from their logits."""
+  return np.asarray(jax.nn.logsumexp(jax.nn.log_softmax(logits_SNC, axis=-1), axis=0)
+                    - np.log(len(logits_SNC)))
 
 
 @functools.partial(jax.jit, static_argnames="num_seeds")

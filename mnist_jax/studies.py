@@ -1,0 +1,159 @@
+"""A trained model beyond its test accuracy: a labelled folder of one's own images, calibrated
+confidence, and adversarial attacks. Each study writes `report.md` and figures into the workdir.
+
+  python -m mnist_jax.main --mode=eval --workdir=W --images_dir=my_digits   # -> W/eval/my_digits/
+  python -m mnist_jax.main --mode=attack --workdir=W                        # -> W/attack/
+
+A labelled folder holds one subfolder per class (the layout of Keras'
+`image_dataset_from_directory` and torchvision's `ImageFolder`), named by the class as the model's
+dataset names it ("0" .. "9" for MNIST), by its index, or by its name with "/" written "_" (e.g.
+"T-shirt_top" for Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mnist_jax import attacks, calibration, checkpoints, data, errors, predict, rundir, steps
+
+NUM_MISTAKES = 25
+EVAL_DIR = "eval"
+ATTACK_DIR = "attack"
+
+
+class StudyError(errors.UserError):
+  """A folder or an attack that cannot be studied, with a message that says why."""
+
+
+def log_probabilities(model: checkpoints.Restored, images_NHWC: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """For uint8 images: the model's log-probabilities `[N, C]` (of the seeds' mean for a run of
+  several), and each seed's logits `[S, N, C]`, through one compiled program per batch shape."""
+  config = model.config
+  logits = steps.logits(model.state, images_NHWC, batch_size=config.eval_batch_size,
+                        mean=config.pixel_mean, std=config.pixel_std, num_seeds=config.num_seeds)
+  logits_SNC = logits if config.num_seeds > 1 else logits[None]
+  return steps.ensemble_log_probabilities(logits_SNC), logits_SNC
+
+
+def fit_temperature(model: checkpoints.Restored) -> tuple[float, str]:
+  """The model's temperature, fitted on its held-out split; and which split that is."""
+  split, description = calibration.held_out_split(model.config)
+  held_out = data.load_split(model.config.dataset, split, model.config.data_dir)
+  log_probs_NC, _ = log_probabilities(model, held_out.images_NHWC)
+  return calibration.fit_temperature(log_probs_NC, held_out.labels_N), f"{split}, {description}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A labelled folder.
+
+
+def _class_of(folder: str, class_names: tuple[str, ...]) -> int | None:
+  for index, name in enumerate(class_names):
+    if folder in (name, name.replace("/", "_"), str(index)):
+      return index
+  return None
+
+
+def load_folder(directory: str, class_names: tuple[str, ...]
+                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The MNIST-like images `[N, 28, 28]`, labels and paths of a labelled folder. A file that
+  cannot be used, a subfolder named by no class and an empty one are each a warning line."""
+  if not os.path.isdir(directory):
+    raise StudyError(f"{directory} is not a directory; --images_dir takes a folder with one "
+                     f"subfolder per class")
+  subfolders = sorted(name for name in os.listdir(directory)
+                      if os.path.isdir(os.path.join(directory, name)))
+  classes = {name: _class_of(name, class_names) for name in subfolders}
+  if not any(index is not None for index in classes.values()):
+    raise StudyError(f"{directory} has no subfolder named by a class of this model; expected "
+                     f"subfolders such as {', '.join(repr(n) for n in class_names[:3])}, ...")
+  images, labels, paths = [], [], []
+  for name, index in classes.items():
+    folder = os.path.join(directory, name)
+    if index is None:
+      _warn(f"{folder}: not a class of this model (classes: {', '.join(class_names)}); skipped")
+      continue
+    files = sorted(os.listdir(folder))
+    if not files:
+      _warn(f"{folder}: empty")
+    for file in files:
+      path = os.path.join(folder, file)
+      try:
+        images.append(predict.mnist_like(predict.load_image(path)))
+      except predict.ImageError as e:
+        _warn(f"{path}: {e}; skipped")
+        continue
+      labels.append(index)
+      paths.append(path)
+  if not images:
+    raise StudyError(f"{directory} holds no image that can be read")
+  return np.stack(images), np.array(labels, np.int32), paths
+
+
+def _warn(message: str) -> None:
+  print(f"mnist_jax: {message}", file=sys.stderr, flush=True)
+
+
+def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
+                    calibrated: bool = False) -> dict[str, Any]:
+  """Scores the model on a labelled folder; writes `<workdir>/eval/<folder name>/`."""
+  from mnist_jax import reports  # pylint: disable=import-outside-toplevel  # Loads matplotlib.
+
+  info = predict.dataset_info(model.meta)
+  if info.image_shape != (predict.MNIST_SIZE, predict.MNIST_SIZE, 1):
+    raise StudyError(f"folder evaluation needs a 28x28 grayscale model; this one takes "
+                     f"{info.image_shape}")
+  start = time.perf_counter()
+  images_NHW, labels_N, paths = load_folder(directory, info.class_names)
+  loaded = time.perf_counter()
+  log_probs_NC, logits_SNC = log_probabilities(model, images_NHW[..., None])
+  predicted = time.perf_counter()
+  temperature, fitted_on = fit_temperature(model) if calibrated else (1.0, "")
+  probs_NC = calibration.probabilities(log_probs_NC, temperature)
+  num = len(labels_N)
+  result = {
+      "folder": os.path.abspath(directory), "checkpoint": model.step, "images": num,
+      "accuracy": float(np.mean(probs_NC.argmax(1) == labels_N)),
+      "accuracy_per_seed": [float(np.mean(l.argmax(1) == labels_N)) for l in logits_SNC],
+      "nll": calibration.negative_log_likelihood(log_probs_NC, labels_N, temperature),
+      "ece": calibration.expected_calibration_error(probs_NC, labels_N),
+      "mean_confidence": float(probs_NC.max(1).mean()),
+      "temperature": temperature, "temperature_fitted_on": fitted_on,
+      "images_per_s_predicting": num / max(predicted - loaded, 1e-9),
+      "images_per_s_with_loading": num / max(predicted - start, 1e-9),
+  }
+  out_dir = os.path.join(workdir, EVAL_DIR, os.path.basename(os.path.normpath(directory)))
+  reports.write_study(out_dir, f"Evaluation on `{result['folder']}`", images_NHW[..., None],
+                      labels_N, log_probs_NC, info.class_names, model, result,
+                      [os.path.relpath(path, directory) for path in paths])
+  rundir.write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=2) + "\n")
+  result["report"] = os.path.join(out_dir, rundir.REPORT)
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks.
+
+
+def attack(model: checkpoints.Restored, workdir: str, eps: list[float], pgd_steps: int,
+           num_examples: int | None = None) -> attacks.Robustness:
+  """FGSM and PGD accuracy against eps on the test split; writes `<workdir>/attack/`."""
+  from mnist_jax import reports  # pylint: disable=import-outside-toplevel
+
+  config: ml_collections.ConfigDict = model.config
+  test = data.load_split(config.dataset, "test", config.data_dir)
+  images, labels = test.images_NHWC[:num_examples], test.labels_N[:num_examples]
+  result = attacks.accuracy_under_attack(
+      model.state, images, labels, eps, mean=config.pixel_mean, std=config.pixel_std,
+      num_seeds=config.num_seeds, pgd_steps=pgd_steps)
+  reports.write_attack_report(os.path.join(workdir, ATTACK_DIR), result, images, labels,
+                              predict.dataset_info(model.meta).class_names, model.step)
+  return result
