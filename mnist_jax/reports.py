@@ -42,8 +42,8 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
   split, fitted_on = calibration.held_out_split(config)
   held_out = data.load_split(config.dataset, split, config.data_dir)
   temperature = calibration.fit_temperature(model_logits(held_out.images_NHWC), held_out.labels_N)
-  mistakes = most_confident_mistakes(calibration.probabilities(logits_NC), test.labels_N,
-                                     NUM_MISTAKES)
+  mistakes = most_confident_mistakes(np.exp(log_softmax(logits_NC.astype(np.float64))),
+                                     test.labels_N, NUM_MISTAKES)  # As `write_report` ranks them.
   saliency_KHWC = attacks.saliency(state, test.images_NHWC[mistakes], logits_NC[mistakes].argmax(1),
                                    mean=config.pixel_mean, std=config.pixel_std)
   rundir.write_predictions(

@@ -14,12 +14,13 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from conftest import load_config, run_main, train_and_report
+from conftest import load_config, main_in_process, run_main, train_and_report
 from mnist_jax import (data, explore, metrics, pipelines, plots, progress, reports, rundir, steps,
                        summaries)
 from test_data import TEST_COUNTS, TRAIN_COUNTS
 
-REPORT_FIGURES = ("learning_curves", "test_predictions", "confusion_matrix", "confident_mistakes")
+REPORT_FIGURES = ("learning_curves", "test_predictions", "confusion_matrix", "confident_mistakes",
+                  "reliability", "mistake_saliency")
 EXPLORE_FIGURES = ("label_histogram", "first_train_images", "pixel_histograms", "image_colorbar")
 
 
@@ -51,6 +52,25 @@ def test_training_writes_every_figure_and_a_report_linking_them(trained):
   for name in REPORT_FIGURES:
     assert_legible_png(workdir / "plots" / f"{name}.png")
     assert f"(plots/{name}.png)" in report
+
+
+def test_the_report_calibrates_on_held_out_data_and_shows_where_mistakes_looked(trained):
+  workdir, final = trained
+  saved = rundir.read_predictions(str(workdir))
+  # Fitted on the last tenth of the training split: the smoke model is underconfident there.
+  assert 0.5 < float(saved["temperature"]) < 1.0
+  assert str(saved["temperature_fitted_on"]).startswith("train[54000:], the last tenth")
+  rows = re.findall(r"^\| (as trained|temperature scaled, T = [\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+                    (workdir / "report.md").read_text(), re.MULTILINE)
+  (_, nll, ece), (_, scaled_nll, scaled_ece) = rows
+  assert float(nll) == pytest.approx(final["test_loss"], abs=1e-4)
+  assert float(scaled_nll) < float(nll) and float(scaled_ece) < float(ece)
+  # Saliency maps of the 25 most confident mistakes, each scaled to its own maximum.
+  probs_NC = np.exp(reports.log_softmax(saved["logits_NC"].astype(np.float64)))
+  assert list(saved["saliency_index_K"]) == list(
+      reports.most_confident_mistakes(probs_NC, saved["labels_N"], reports.NUM_MISTAKES))
+  assert saved["saliency_KHW"].shape == (25, 28, 28)
+  np.testing.assert_allclose(saved["saliency_KHW"].max(axis=(1, 2)), 1.0)
 
 
 def test_confusion_matrix_counts_every_test_example_and_gives_the_accuracy(trained):
@@ -121,9 +141,9 @@ def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
   shutil.copytree(workdir, copy)
   shutil.rmtree(copy / "plots")
   (copy / "report.md").unlink()
-  result = run_main("--mode=report", f"--workdir={copy}")
+  result = main_in_process("--mode=report", f"--workdir={copy}")
   assert result.returncode == 0, result.stderr
-  assert result.stdout.startswith(f"report: {copy / 'report.md'} (4 figures in ")
+  assert result.stdout.startswith(f"report: {copy / 'report.md'} (6 figures in ")
   for name in REPORT_FIGURES:
     assert_legible_png(copy / "plots" / f"{name}.png")
   original = (workdir / "report.md").read_text().replace(str(workdir), "WORKDIR")

@@ -1,0 +1,167 @@
+"""Calibration, adversarial attacks and evaluation on a labelled folder, on a trained smoke model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import load_config, main_in_process, train_and_report
+from mnist_jax import attacks, calibration, predict, steps, studies
+
+EPS = [0.0, 0.03, 0.1, 0.2]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  train_and_report(load_config("seed_mlp", "smoke"), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+  return predict.load(str(workdir))
+
+
+def test_ece_is_zero_where_confidence_equals_accuracy_and_the_gap_where_not():
+  # In each bin the accuracy equals the confidence: 8 of 10 right at 0.8, 3 of 5 right at 0.6.
+  probs = np.array([[0.8, 0.2]] * 10 + [[0.4, 0.6]] * 5)
+  labels = np.array([0] * 8 + [1] * 2 + [1] * 3 + [0] * 2)
+  assert calibration.expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-12)
+  # Always sure, right half the time: a gap of 0.5 everywhere.
+  sure = np.array([[1.0, 0.0]] * 4)
+  assert calibration.expected_calibration_error(sure, np.array([0, 1, 0, 1])) == pytest.approx(0.5)
+  bins = calibration.reliability(probs, labels)
+  assert bins.counts.sum() == 15 and bins.counts[12] == 10 and bins.counts[9] == 5
+
+
+def test_temperature_fitted_on_samples_of_a_known_temperature_finds_it():
+  rng = np.random.default_rng(0)
+  logits_NC = rng.normal(0.0, 3.0, (20_000, 10)).astype(np.float32)
+  probs_NC = calibration.probabilities(logits_NC, 2.0).astype(np.float64)
+  labels_N = np.array([rng.choice(10, p=p / p.sum()) for p in probs_NC])
+  temperature = calibration.fit_temperature(logits_NC, labels_N)
+  assert temperature == pytest.approx(2.0, rel=0.05)
+  assert (calibration.negative_log_likelihood(logits_NC, labels_N, temperature)
+          < calibration.negative_log_likelihood(logits_NC, labels_N))
+  np.testing.assert_array_equal(calibration.probabilities(logits_NC, temperature).argmax(1),
+                                logits_NC.argmax(1))  # Scaling never changes a prediction.
+
+
+def test_attacks_start_at_the_clean_accuracy_fall_with_eps_and_pgd_is_never_weaker(
+    model, mnist_test):
+  images, labels = mnist_test.images_NHWC[:1000], mnist_test.labels_N[:1000]
+  config = model.config
+  result = attacks.accuracy_under_attack(
+      model.state, images, labels, EPS, mean=config.pixel_mean, std=config.pixel_std,
+      num_seeds=1, pgd_steps=5, batch_size=400)  # 1000 rows: the last batch is padded.
+  logits = steps.logits(model.state, images, batch_size=1000, mean=config.pixel_mean,
+                        std=config.pixel_std)
+  assert result.eps == EPS
+  assert result.clean_accuracy == result.fgsm_accuracy[0] == result.pgd_accuracy[0] == np.mean(
+      logits.argmax(1) == labels)
+  for fgsm, pgd, next_fgsm, next_pgd in zip(result.fgsm_accuracy, result.pgd_accuracy,
+                                            result.fgsm_accuracy[1:], result.pgd_accuracy[1:]):
+    assert next_fgsm <= fgsm and next_pgd <= pgd and pgd <= fgsm
+  assert result.pgd_accuracy[-1] < 0.5 * result.clean_accuracy  # A real attack, not a no-op.
+  assert result.step_sizes == pytest.approx([2.5 * e / 5 for e in EPS])
+  for e in EPS:  # Inside the eps-ball and the valid range.
+    for adversarial in (result.examples_fgsm_KHWC[e], result.examples_pgd_KHWC[e]):
+      moved = np.abs(adversarial.astype(np.int32) - images[:len(adversarial)].astype(np.int32))
+      assert moved.max() <= round(e * 255) + 1 and adversarial.dtype == np.uint8
+
+
+def test_attack_mode_writes_its_report_and_refuses_bad_eps(workdir):
+  result = main_in_process("--mode=attack", f"--workdir={workdir}", "--eps=0,0.1",
+                           "--attack_examples=200", "--pgd_steps=3")
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((workdir / "attack" / "results.json").read_text())
+  assert saved["eps"] == [0.0, 0.1] and saved["examples"] == 200
+  assert f"eps 0.1    fgsm {saved['fgsm_accuracy'][1]:.4f}  pgd {saved['pgd_accuracy'][1]:.4f}" in (
+      result.stdout)
+  for name in ("report.md", "robustness.png", "adversarial_examples.png"):
+    assert (workdir / "attack" / name).stat().st_size > 0
+  for eps, message in [("x", "--eps must be numbers"), ("0,2", "--eps must be in [0, 1]")]:
+    result = main_in_process("--mode=attack", f"--workdir={workdir}", f"--eps={eps}")
+    assert result.returncode == 1 and result.stderr.startswith(f"mnist_jax: {message}")
+
+
+def _labelled_folder(root, mnist_test, count):
+  """`count` test digits drawn dark on light, filed by their labels (a 7 also filed under 1)."""
+  for i in range(count):
+    label = int(mnist_test.labels_N[i])
+    (root / str(label)).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(255 - mnist_test.images_NHWC[i, ..., 0]).resize((56, 56)).save(
+        root / str(label) / f"{i}.png")
+  return root
+
+
+def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model, mnist_test,
+                                                                 tmp_path):
+  folder = _labelled_folder(tmp_path / "digits", mnist_test, 120)
+  sevens = sorted(folder.glob("7/*.png"))
+  sureness = predict.probabilities(model, [predict.load_image(str(path)) for path in sevens])[:, 7]
+  # The clearest seven, mislabelled on purpose: a confident mistake.
+  (folder / "1" / "a_seven.png").write_bytes(sevens[sureness.argmax()].read_bytes())
+  (folder / "3" / "notes.txt").write_text("not an image")
+  (folder / "cats").mkdir()
+  (folder / "5" / "empty").mkdir()
+
+  result = main_in_process("--mode=eval", f"--workdir={workdir}", f"--images_dir={folder}")
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.splitlines() == [
+      f"mnist_jax: {folder}/3/notes.txt: not an image file that Pillow can read; skipped",
+      f"mnist_jax: {folder}/5/empty: is a directory, not an image; skipped",
+      f"mnist_jax: {folder}/cats: not a class of this model (classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9); "
+      "skipped"]
+  saved = json.loads((workdir / "eval" / "digits" / "results.json").read_text())
+  files = sorted(path for path in folder.glob("*/*.png"))
+  truth = np.array([int(path.parent.name) for path in files])
+  probs = predict.probabilities(model, [predict.load_image(str(path)) for path in files])
+  assert saved["images"] == len(files) == 121
+  assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == truth), abs=1e-12)
+  assert saved["accuracy"] <= 120 / 121  # The mislabelled seven is a mistake.
+  assert saved["ece"] == pytest.approx(calibration.expected_calibration_error(probs, truth), abs=1e-5)
+  report = (workdir / "eval" / "digits" / "report.md").read_text()
+  assert "| 1/a_seven.png | 1 | 7 |" in report
+  for name in ("confusion_matrix", "confident_mistakes", "mistake_saliency", "reliability"):
+    assert os.path.getsize(workdir / "eval" / "digits" / f"{name}.png") > 0
+
+  calibrated = main_in_process("--mode=eval", f"--workdir={workdir}", f"--images_dir={folder}",
+                               "--calibrated")
+  assert calibrated.returncode == 0, calibrated.stderr
+  again = json.loads((workdir / "eval" / "digits" / "results.json").read_text())
+  temperature, _ = studies.fit_temperature(model)
+  assert again["temperature"] == temperature and again["accuracy"] == saved["accuracy"]
+
+
+@pytest.mark.parametrize("layout, message", [
+    (None, "is not a directory"),
+    ({"cats": 1}, "has no subfolder named by a class of this model"),
+    ({"3": 0}, "holds no image that can be read"),
+])
+def test_a_folder_that_cannot_be_scored_is_one_line(workdir, tmp_path, layout, message):
+  folder = tmp_path / "folder"
+  if layout is not None:
+    for name, count in layout.items():
+      (folder / name).mkdir(parents=True)
+      for i in range(count):
+        Image.new("L", (28, 28), 255).save(folder / name / f"{i}.png")
+  result = main_in_process("--mode=eval", f"--workdir={workdir}", f"--images_dir={folder}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(f"mnist_jax: {folder} {message}")
+  assert not (workdir / "eval" / "folder").exists()
+
+
+def test_calibrated_predict_keeps_each_digit_and_changes_its_probability(workdir, mnist_test,
+                                                                         tmp_path):
+  folder = _labelled_folder(tmp_path / "digits", mnist_test, 5)
+  paths = [str(path) for path in sorted(folder.glob("*/*.png"))]
+  plain = main_in_process("--mode=predict", f"--workdir={workdir}", f"--images={','.join(paths)}")
+  scaled = main_in_process("--mode=predict", f"--workdir={workdir}", f"--images={','.join(paths)}",
+                           "--calibrated")
+  rows = lambda result: [line.split("  ") for line in result.stdout.splitlines()]
+  assert [r[:2] for r in rows(plain)] == [r[:2] for r in rows(scaled)]
+  assert [r[2] for r in rows(plain)] != [r[2] for r in rows(scaled)]
