@@ -68,6 +68,9 @@ def main_in_process(*args: str) -> subprocess.CompletedProcess:
 
   # The session's compilation cache (pytest_configure), not the user's.
   argv = ["mnist_jax.main", *args, "--jax_cache_dir="]
+  # config_flags loads every config file as the module `config_config`, executed into the one
+  # in `sys.modules` if there is one: a file without `get_config` would find the last one's.
+  sys.modules.pop("config_config", None)
   stdout, stderr = io.StringIO(), io.StringIO()
   returncode = 0
   with (flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv),  # config_flags reads sys.argv.

@@ -44,4 +44,4 @@ def test_colab_notebook_runs_the_smoke_config_headless(tmp_path):
     assert json.load(f)["model_args"]["hidden_sizes"] == [256]
   figures = [image for cell in notebook.cells if cell.cell_type == "code"
              for image in _outputs(cell)[1]]
-  assert len(figures) == 8  # Each of the two runs shows its report's four figures.
+  assert len(figures) == 12  # Each of the two runs shows its report's six figures.
