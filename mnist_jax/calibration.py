@@ -81,12 +81,15 @@ def fit_temperature(logits_NC: np.ndarray, labels_N: np.ndarray) -> float:
   return float(_fit(jnp.asarray(logits_NC, jnp.float32), jnp.asarray(labels_N)))
 
 
-def held_out_split(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """The split a run's temperature is fitted on, and its description: the validation split where
-  the run holds one out; else the last tenth of the training split, which was trained on (its
-  NLL is lower than on unseen data, so the fitted T comes out too small to correct fully)."""
+def held_out_split(config: ml_collections.ConfigDict) -> str | None:
+  """The split a run's temperature is fitted on: its validation split, None where it has none.
+
+  Not a slice of the training split: the model has learnt those examples, so it is right and
+  sure of itself there, and a temperature fitted there sharpens its probabilities. Measured for
+  the seed recipe: T = 0.68 fitted on the last tenth of the training split took the test NLL from
+  0.089 to 0.116 and the ECE from 0.010 to 0.015 (WORKSPACE.md).
+  """
+  if not config.validation_fraction:
+    return None
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
-  if config.validation_fraction:
-    return data.holdout_splits(num_train, config.validation_fraction)[1], "the validation split"
-  return (data.holdout_splits(num_train, 0.1)[1],
-          "the last tenth of the training split, which was trained on")
+  return data.holdout_splits(num_train, config.validation_fraction)[1]

@@ -68,7 +68,7 @@ _IMAGES_DIR = flags.DEFINE_string(
     "report goes to --workdir/eval/<folder name>/.")
 _CALIBRATED = flags.DEFINE_bool(
     "calibrated", False, "eval/predict: divide the logits by the temperature fitted on the run's "
-    "held-out data (the validation split, else the last tenth of the training split).")
+    "validation split (config.validation_fraction > 0).")
 _EPS = flags.DEFINE_list(
     "eps", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"],
     "attack: L-infinity budgets, in pixel units after dividing by 255.")

@@ -1,8 +1,9 @@
 """The two input pipelines, one interface: `train_epoch(state, epoch_rng)` and `evaluate(state, split)`.
 
 `DevicePipeline` holds every split on the accelerator as uint8 and runs an epoch as one compiled
-`lax.scan` (steps.py); `StreamPipeline` feeds tf.data batches, one by one, to the same jitted
-step, for data that does not fit on the device. Both shard batches along the mesh's `data` axis
+`lax.scan` (steps.py); `StreamPipeline` holds them in host memory and hands the device chunks of
+whole batches, one compiled scan over each, for data that does not fit on the device. Both
+visit the examples in the same order and train the same model. Both shard batches along the mesh's `data` axis
 over all devices of all processes, the state as `parallel.state_sharding` says (replicated). With
 `config.num_seeds` above 1 the state holds one model per seed and the device pipeline's programs
 are `vmap`ped over them, the data shared.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from mnist_jax import augment, configs, data, parallel, progress, steps
-from mnist_jax.steps import Batch, Metrics, TrainState
+from mnist_jax.steps import Metrics, TrainState
 
 
 class _Pipeline:
@@ -91,75 +91,66 @@ class DevicePipeline(_Pipeline):
 
 
 class StreamPipeline(_Pipeline):
-  """tf.data batches of each split, through a jitted step; compiled at the first batch."""
+  """Each split held in host memory, as `data.load_split` decodes it from tfds once and keeps it;
+  the device gets it in chunks of whole batches, one compiled call of `steps.train_steps` (or
+  `steps.evaluate_sums`) per chunk of about `CHUNK_EXAMPLES` examples, uint8 across the copy.
+
+  For data that fits the host but not the device. The order of an epoch is the device
+  pipeline's (`steps.epoch_order`), and so are the steps' keys, so both train the same model.
+  JAX dispatches each call without waiting for it, so the host gathers the next chunk while the
+  device trains on the last one. Compiled at the first chunk (and again for a shorter last one).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, state: TrainState, splits: dict[str, str]):
     super().__init__(config, state, splits)
-    self._train_step = jax.jit(steps.train_step, donate_argnums=0,
-                               in_shardings=(self.state_sharding, self.batch_sharding),
-                               out_shardings=(self.state_sharding, self.replicated))
-    self._eval_step = jax.jit(steps.eval_step,
-                              in_shardings=(self.state_sharding, self.batch_sharding),
-                              out_shardings=self.replicated)
+    self.host = {name: data.load_split(config.dataset, split, config.data_dir)
+                 for name, split in splits.items()}
     if "train" in splits:
-      self.num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)
+      self.num_train = len(self.host["train"])
+    norm = dict(mean=config.pixel_mean, std=config.pixel_std, batch_sharding=self.batch_sharding)
+    self._train_chunk = jax.jit(
+        functools.partial(steps.train_steps, batch_size=config.batch_size, **norm,
+                          augmentation=augment.Augmentation.from_config(config)),
+        donate_argnums=0, out_shardings=(self.state_sharding, self.replicated))
+    self._eval_chunk = functools.cache(lambda num_examples: jax.jit(functools.partial(
+        steps.evaluate_sums, batch_size=config.eval_batch_size, num_examples=num_examples, **norm),
+        out_shardings=self.replicated))
 
   def train_epoch(self, state: TrainState, epoch_rng: np.ndarray) -> tuple[TrainState, Metrics]:
-    on_step = progress.EpochProgress(self.num_train // self.config.batch_size,
-                                     self.config.batch_size)
-    batches = self._batches("train", self.config.batch_size, shuffle_seed=_stream_seed(epoch_rng))
-    return train_epoch_stream(self._train_step, state, batches, on_step)
+    batch_size = self.config.batch_size
+    num_steps = self.num_train // batch_size
+    chunk_steps = max(1, CHUNK_EXAMPLES // batch_size)
+    split = self.host["train"]
+    order = steps.epoch_order(epoch_rng, self.num_train)
+    on_step = progress.EpochProgress(num_steps, batch_size)
+    metrics_by_chunk = []
+    for first in range(0, num_steps, chunk_steps):
+      rows = order[first * batch_size:min(first + chunk_steps, num_steps) * batch_size]
+      images, labels = parallel.put_examples((split.images_NHWC[rows], split.labels_N[rows]),
+                                             self.mesh)
+      state, metrics = self._train_chunk(state, images, labels, np.arange(len(rows), dtype=np.int32),
+                                         epoch_rng, np.int32(first))
+      metrics_by_chunk.append(metrics)
+      on_step(first + len(rows) // batch_size, state)
+    if not metrics_by_chunk:
+      raise configs.ConfigError("the training split has fewer examples than config.batch_size")
+    return state, jax.tree.map(lambda *parts: jnp.mean(jnp.concatenate(parts)), *metrics_by_chunk)
 
   def evaluate(self, state: TrainState, name: str = "test") -> Metrics:
-    return evaluate_stream(self._eval_step, state, self._batches(name, self.config.eval_batch_size))
-
-  def _batches(self, name: str, batch_size: int, shuffle_seed: int | None = None
-               ) -> Iterable[Batch]:
-    batches = data.stream_batches(
-        self.config.dataset, self.splits[name], batch_size=batch_size,
-        mean=self.config.pixel_mean, std=self.config.pixel_std, shuffle_seed=shuffle_seed,
-        data_dir=self.config.data_dir,
-    )
-    return (parallel.put_batch(batch, self.mesh) for batch in batches)
-
-
-def _stream_seed(epoch_rng: np.ndarray) -> int:
-  """A tf.data shuffle seed drawn from the epoch's key, so both pipelines derive order alike."""
-  return int(jax.random.bits(epoch_rng, dtype=jnp.uint32) >> 1)
+    split, batch_size = self.host[name], self.config.eval_batch_size
+    chunk = max(1, CHUNK_EXAMPLES // batch_size) * batch_size
+    sums = steps.EVAL_ZEROS
+    for start in range(0, len(split), chunk):
+      images, labels = parallel.put_examples(
+          (split.images_NHWC[start:start + chunk], split.labels_N[start:start + chunk]), self.mesh,
+          multiple=batch_size)
+      sums = self._eval_chunk(min(chunk, len(split) - start))(state, images, labels, sums)
+    return steps.summarize_eval(sums)
 
 
-def train_epoch_stream(
-    train_step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
-    state: TrainState,
-    batches: Iterable[Batch],
-    on_step: Callable[[int, TrainState], None] | None = None,
-) -> tuple[TrainState, Metrics]:
-  """One epoch of host batches through a jitted `train_step`; metrics stay on the device.
-
-  `on_step(steps_done, state)`, where given, follows every step (see `progress.EpochProgress`).
-  """
-  totals, num_steps = None, 0
-  for batch in batches:
-    state, metrics = train_step_fn(state, batch)
-    totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-    num_steps += 1
-    if on_step is not None:
-      on_step(num_steps, state)
-  if totals is None:
-    raise configs.ConfigError("the training split has fewer examples than config.batch_size")
-  return state, jax.tree.map(lambda total: total / num_steps, totals)
-
-
-def evaluate_stream(
-    eval_step_fn: Callable[[TrainState, Batch], Metrics], state: TrainState,
-    batches: Iterable[Batch],
-) -> Metrics:
-  """Loss and accuracy over padded and masked host batches, through a jitted `eval_step`."""
-  sums = None
-  for batch in batches:
-    batch_sums = eval_step_fn(state, batch)
-    sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-  return steps.summarize_eval(sums)
+# Examples a stream-pipeline call hands the device: 8 MB of MNIST's uint8 images. Larger chunks
+# cost device memory and gain little once the per-call overhead (about 0.1 ms) is spread thin.
+CHUNK_EXAMPLES = 8192
 
 
 def create(config: ml_collections.ConfigDict, state: TrainState, splits: dict[str, str]

@@ -39,16 +39,20 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
                                              mean=config.pixel_mean, std=config.pixel_std)
   test = data.load_split(config.dataset, "test", config.data_dir)
   logits_NC = model_logits(test.images_NHWC)
-  split, fitted_on = calibration.held_out_split(config)
-  held_out = data.load_split(config.dataset, split, config.data_dir)
-  temperature = calibration.fit_temperature(model_logits(held_out.images_NHWC), held_out.labels_N)
+  split = calibration.held_out_split(config)
+  calibrated = {}
+  if split is not None:
+    held_out = data.load_split(config.dataset, split, config.data_dir)
+    calibrated = dict(
+        temperature=np.float32(calibration.fit_temperature(model_logits(held_out.images_NHWC),
+                                                           held_out.labels_N)),
+        temperature_fitted_on=np.array(f"the validation split ({split})"))
   mistakes = most_confident_mistakes(np.exp(log_softmax(logits_NC.astype(np.float64))),
                                      test.labels_N, NUM_MISTAKES)  # As `write_report` ranks them.
   saliency_KHWC = attacks.saliency(state, test.images_NHWC[mistakes], logits_NC[mistakes].argmax(1),
                                    mean=config.pixel_mean, std=config.pixel_std)
   rundir.write_predictions(
-      workdir, logits_NC, test.labels_N, info.class_names, temperature=np.float32(temperature),
-      temperature_fitted_on=np.array(f"{split}, {fitted_on}"),
+      workdir, logits_NC, test.labels_N, info.class_names, **calibrated,
       saliency_KHW=np.asarray(saliency_KHWC).max(axis=-1), saliency_index_K=mistakes)
 
 
@@ -135,7 +139,9 @@ def _calibration_section(logits_NC: np.ndarray, labels_N: np.ndarray, temperatur
     rows.append([name, f"{calibration.negative_log_likelihood(logits_NC, labels_N, t):.4f}",
                  f"{calibration.expected_calibration_error(probs_NC, labels_N):.4f}",
                  f"{probs_NC.max(1).mean():.4f}", f"{np.mean(probs_NC.argmax(1) == labels_N):.2%}"])
-  fitted = ("" if temperature is None else
+  fitted = (" No temperature was fitted: the run holds out no validation split "
+            "(`config.validation_fraction`), and one fitted on training examples sharpens "
+            "probabilities that are already too sharp on unseen ones." if temperature is None else
             f" The temperature T divides the logits and changes no prediction; it was fitted to "
             f"minimize the NLL on {fitted_on}.")
   return f"""

@@ -105,12 +105,20 @@ def epoch_order(epoch_rng: jax.Array, num_examples: int) -> np.ndarray:
   return np.random.default_rng(keys).permutation(num_examples).astype(np.int32)
 
 
-def train_epoch(
+def train_epoch(state: TrainState, images_NHWC: jax.Array, labels_N: jax.Array, order_N: jax.Array,
+                epoch_rng: jax.Array, **kwargs) -> tuple[TrainState, Metrics]:
+  """One epoch over device-resident uint8 images: `train_steps`, its metrics averaged."""
+  state, metrics_S = train_steps(state, images_NHWC, labels_N, order_N, epoch_rng, **kwargs)
+  return state, jax.tree.map(jnp.mean, metrics_S)
+
+
+def train_steps(
     state: TrainState,
     images_NHWC: jax.Array,
     labels_N: jax.Array,
     order_N: jax.Array,
     epoch_rng: jax.Array,
+    first_step: jax.Array | int = 0,
     *,
     batch_size: int,
     mean: float,
@@ -118,7 +126,8 @@ def train_epoch(
     batch_sharding: jax.sharding.Sharding | None = None,
     augmentation: augment.Augmentation = augment.Augmentation(),
 ) -> tuple[TrainState, Metrics]:
-  """One epoch over device-resident uint8 images, in the order `order_N`, as a `lax.scan`.
+  """Steps over device-resident uint8 images, in the order `order_N`, as a `lax.scan`; the metrics
+  of each step.
 
   Step `s` trains on the examples `order_N[s * batch_size : (s + 1) * batch_size]`; the last
   `len(order_N) % batch_size` are left out, so every step has the same shape (a new permutation
@@ -126,7 +135,9 @@ def train_epoch(
   does not name, such as padding that makes them divide among devices, are never drawn. With
   `batch_sharding`, each gathered batch is laid out that way (split along the mesh's `data`
   axis). An enabled `augmentation` transforms each batch's pixels before normalization, with step
-  `s`'s key `fold_in(fold_in(epoch_rng, AUGMENT_PURPOSE), s)`: a function of (seed, epoch, step).
+  `s`'s key `fold_in(fold_in(epoch_rng, AUGMENT_PURPOSE), first_step + s)`: a function of (seed,
+  epoch, step), so an epoch run as several calls over parts of it (`first_step` the steps done
+  before) draws the same keys as one call over all of it.
   """
   steps = order_N.shape[0] // batch_size
   order_SB = order_N[: steps * batch_size].reshape(steps, batch_size)
@@ -142,14 +153,22 @@ def train_epoch(
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(state, batch)
 
-  state, metrics_S = jax.lax.scan(step, state, (jnp.arange(steps), order_SB))
-  return state, jax.tree.map(jnp.mean, metrics_S)
+  return jax.lax.scan(step, state, (first_step + jnp.arange(steps), order_SB))
 
 
-def evaluate(
+EVAL_ZEROS = {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0)}
+
+
+def evaluate(state: TrainState, images_NHWC: jax.Array, labels_N: jax.Array, **kwargs) -> Metrics:
+  """Loss, accuracy and count over every example (see `evaluate_sums`)."""
+  return summarize_eval(evaluate_sums(state, images_NHWC, labels_N, EVAL_ZEROS, **kwargs))
+
+
+def evaluate_sums(
     state: TrainState,
     images_NHWC: jax.Array,
     labels_N: jax.Array,
+    sums: Metrics,
     *,
     batch_size: int,
     mean: float,
@@ -157,7 +176,8 @@ def evaluate(
     num_examples: int | None = None,
     batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Metrics:
-  """Loss and accuracy over every example, padded to whole batches and masked, as a `lax.scan`.
+  """`sums` plus the summed loss, correct and count of every example, padded to whole batches
+  and masked, as a `lax.scan` (a split may be summed in parts, each call adding to the last).
 
   Rows past `num_examples` are padding and count for nothing; `batch_sharding` as in `train_epoch`.
   With the rows split into `D` contiguous blocks, one per device along `data`, batch `s` takes the
@@ -188,9 +208,7 @@ def evaluate(
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return jax.tree.map(jnp.add, sums, eval_step(state, batch)), None
 
-  zeros = {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
-  sums, _ = jax.lax.scan(step, zeros, (images_SB, labels_SB, mask_SB))
-  return summarize_eval(sums)
+  return jax.lax.scan(step, sums, (images_SB, labels_SB, mask_SB))[0]
 
 
 def logits(state: TrainState, images_NHWC: np.ndarray, *, batch_size: int, mean: float,

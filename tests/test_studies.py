@@ -2,12 +2,13 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_config, main_in_process, train_and_report
+from conftest import REPO, load_config, main_in_process, train_and_report
 from mnist_jax import attacks, calibration, predict, steps, studies
 
 EPS = [0.0, 0.03, 0.1, 0.2]
@@ -16,7 +17,9 @@ EPS = [0.0, 0.03, 0.1, 0.2]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")
-  train_and_report(load_config("seed_mlp", "smoke"), workdir)
+  config = load_config("seed_mlp", "smoke")
+  config.validation_fraction = 0.1  # Where the temperature is fitted.
+  train_and_report(config, workdir)
   return workdir
 
 
@@ -165,3 +168,11 @@ def test_calibrated_predict_keeps_each_digit_and_changes_its_probability(workdir
   rows = lambda result: [line.split("  ") for line in result.stdout.splitlines()]
   assert [r[:2] for r in rows(plain)] == [r[:2] for r in rows(scaled)]
   assert [r[2] for r in rows(plain)] != [r[2] for r in rows(scaled)]
+
+
+def test_calibrated_needs_a_validation_split(tmp_path):
+  shutil.copytree(os.path.join(REPO, "tests", "data", "run_0.1.0"), tmp_path / "run")
+  result = main_in_process("--mode=eval", f"--workdir={tmp_path / 'run'}", "--calibrated")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "mnist_jax: --calibrated fits a temperature on the run's validation split, and this run has none")
