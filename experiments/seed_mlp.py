@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.dataset = "mnist"
   config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds' default, or TFDS_DATA_DIR.
-  config.input_pipeline = "device"  # or "stream": tf.data batches for data that fits no device.
+  config.input_pipeline = "device"  # or "stream": chunks from host memory (for data too big for it).
   config.pixel_mean = 0.0  # After dividing by 255; MNIST's own statistics are 0.1307 and 0.3081.
   config.pixel_std = 1.0
 

@@ -34,9 +34,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Runs of each loop; the table shows medians.")
 _QUICK = flags.DEFINE_bool("quick", False, "One epoch of each loop, to check the harness.")
 _LOOPS = flags.DEFINE_list(
-    "loops", "jax_device,jax_device_warm,jax_stream,tfdata_only,keras,torch",
+    "loops", "jax_device,jax_device_warm,command,jax_stream,tfdata_only,keras,torch",
     "Loops to run, in this order. jax_device_warm is jax_device again, with the compilation cache "
-    "jax_device left (as a second `python -m mnist_jax.main` finds it).",
+    "jax_device left (as a second `python -m mnist_jax.main` finds it); command is the whole "
+    "`python -m mnist_jax.main` command, its time beyond training and compiling shown below the "
+    "table.",
 )
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one loop and print its JSON line.")
 _NO_TENSORFLOW = "TensorFlow is not installed (the device pipeline and PyTorch run without it)"
@@ -56,18 +58,17 @@ def _arrays():
 def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mnist_jax import data, rundir, train  # pylint: disable=import-outside-toplevel
+  from mnist_jax import pipelines, rundir, train  # pylint: disable=import-outside-toplevel
 
   if _CACHE_DIR.value:  # As main.py's --jax_cache_dir.
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   config.input_pipeline = pipeline
-  if pipeline == "stream" and not data.have_tensorflow():
-    return {"skipped": _NO_TENSORFLOW}
   with tempfile.TemporaryDirectory() as workdir:
     _, final = train.train_and_evaluate(config, workdir)
     epoch_times = [record["epoch_time_s"] for record in rundir.read_history(workdir)]
-  device_data_mb = 0.0 if pipeline == "stream" else 70_000 * (28 * 28 + 4) / 2**20
+  examples_on_device = pipelines.CHUNK_EXAMPLES if pipeline == "stream" else 70_000
+  device_data_mb = examples_on_device * (28 * 28 + 4) / 2**20
   compile_s = final["compile_times_s"].get("train", 0.0)  # Not the test split's eval program.
   return {
       "train_s": final["train_time_s"] + compile_s,
@@ -77,6 +78,27 @@ def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
       "device": _jax_device(),
       "device_data_mb": device_data_mb,
   }
+
+
+def _command(config) -> dict[str, Any]:
+  """`python -m mnist_jax.main` on the recipe, as a user runs it (the compilation cache of the
+  loops before it, data prepared): its wall time against the training and compiling it reports."""
+  from mnist_jax import rundir  # pylint: disable=import-outside-toplevel
+
+  config_args = [f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}"]
+  config_args += [arg for arg in sys.argv[1:] if arg.startswith("--config.")]
+  config_args += ["--config.num_epochs=1"] if _QUICK.value else []
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_jax.main", *config_args, f"--workdir={workdir}",
+         f"--jax_cache_dir={_CACHE_DIR.value}"], capture_output=True, text=True, check=False)
+    wall_s = time.perf_counter() - start
+    if result.returncode != 0:
+      return {"failed": (result.stderr.strip().splitlines() or ["no output"])[-1]}
+    final = rundir.read_final(workdir)
+  del config
+  return {"wall_s": wall_s, "train_s": final["train_time_s"], "compile_s": final["compile_time_s"]}
 
 
 def _jax_device() -> str:
@@ -210,6 +232,7 @@ _RUNNERS = {
     "keras": _keras,
     "torch": _torch,
     "matmul_floor": lambda config: _matmul_floor(),
+    "command": _command,
 }
 
 
@@ -244,7 +267,7 @@ def _table(results: dict[str, list[dict[str, Any]]], config) -> str:
             "| peak RSS (MB) | Keras time / this | PyTorch time / this |")
   lines = [header, "|" + "---|" * 9]
   for loop, runs in results.items():
-    if loop == "matmul_floor":
+    if loop in ("matmul_floor", "command"):
       continue
     notes = [run.get("skipped") or run.get("failed") for run in runs if "train_s" not in run]
     if notes:
@@ -284,6 +307,18 @@ def _floor_summary(results: dict[str, list[dict[str, Any]]], config) -> str:
   return summary
 
 
+def _command_summary(runs: list[dict[str, Any]]) -> str:
+  """The "command wall" row: what the whole command takes beyond training and compiling."""
+  done = [run for run in runs if "wall_s" in run]
+  if not done:
+    return f"command wall: {runs[0].get('failed')}"
+  for run in done:
+    run["other_s"] = run["wall_s"] - run["train_s"] - run["compile_s"]
+  return (f"command wall: `python -m mnist_jax.main` took {_median(done, 'wall_s'):.2f} s: training "
+          f"{_median(done, 'train_s'):.2f} s, compiling {_median(done, 'compile_s'):.2f} s, and "
+          f"{_median(done, 'other_s'):.2f} s besides (start-up, data, checkpoints, report)")
+
+
 def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
@@ -312,6 +347,8 @@ def main(argv: list[str]) -> None:
         f"{tuple(config.model_args.hidden_sizes)}, {_REPEATS.value} run(s) each, medians shown")
   print(_table(results, config))
   print(_floor_summary(results, config))
+  if "command" in results:
+    print(_command_summary(results["command"]))
   devices = {loop: runs[0]["device"] for loop, runs in results.items() if "device" in runs[0]}
   print("devices: " + ", ".join(f"{loop} on {device}" for loop, device in devices.items()))
 

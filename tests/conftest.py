@@ -51,6 +51,16 @@ def mnist_test():
   return data.load_split("mnist", "test")
 
 
+@pytest.fixture(scope="session")
+def two_epoch_run(tmp_path_factory):
+  """A workdir of two smoke epochs and its report, for tests that only read it."""
+  workdir = tmp_path_factory.mktemp("two_epoch_run")
+  config = load_config("seed_mlp", "smoke")
+  config.num_epochs = 2
+  train_and_report(config, workdir)
+  return workdir
+
+
 def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
   """Runs `python -m mnist_jax.main ARGS` from the repository root."""
   return subprocess.run(

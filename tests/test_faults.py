@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import load_config, main_in_process, run_main, train_and_report
+from conftest import load_config, main_in_process, run_main
 from mnist_jax import rundir, train
 
 SMOKE = "--config=experiments/seed_mlp.py:smoke"
@@ -30,13 +30,9 @@ def _tmpfs(path, size):
     subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-@pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_epochs")
-  config = load_config("seed_mlp", "smoke")
-  config.num_epochs = 2
-  train_and_report(config, workdir)
-  return workdir
+@pytest.fixture
+def two_epochs(two_epoch_run):
+  return two_epoch_run
 
 
 def _fill(disk, leave_bytes):

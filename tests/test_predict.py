@@ -13,17 +13,13 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from conftest import REPO, load_config, run_main, train_and_report
+from conftest import REPO, load_config, main_in_process, run_main, train_and_report
 from mnist_jax import predict
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  config = load_config("seed_mlp", "smoke")
-  config.num_epochs = 2
-  train_and_report(config, workdir)
-  return workdir
+@pytest.fixture
+def workdir(two_epoch_run):
+  return two_epoch_run
 
 
 def _render(image_HW, index, path):
@@ -164,6 +160,25 @@ def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_
       {"params": params}, images.astype(np.float32) / 255.0, train=False))
   np.testing.assert_allclose(probs, (apply(first) + apply(second)) / 2, rtol=1e-5, atol=1e-6)
   assert not np.allclose(apply(first), apply(second), atol=1e-3)  # Two models, not one twice.
+
+  # A labelled folder is scored for the ensemble and for each seed.
+  for i in range(40):
+    folder = tmp_path / "digits" / str(mnist_test.labels_N[i])
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mnist_test.images_NHWC[i, ..., 0]).save(folder / f"{i}.png")
+  result = main_in_process("--mode=eval", f"--workdir={tmp_path}",
+                           f"--images_dir={tmp_path / 'digits'}")
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((tmp_path / "eval" / "digits" / "results.json").read_text())
+  paths = sorted((tmp_path / "digits").glob("*/*.png"))
+  truth = np.array([int(path.parent.name) for path in paths])
+  prepared = np.stack([predict.mnist_like(predict.load_image(str(path))) for path in paths])[..., None]
+  per_seed = [np.mean(np.argmax(model.state.apply_fn(
+      {"params": params}, prepared.astype(np.float32) / 255.0, train=False), 1) == truth)
+              for params in (first, second)]
+  ensemble = predict.probabilities(model, prepared, preprocess=False)
+  assert saved["accuracy_per_seed"] == pytest.approx(per_seed, abs=1e-12)
+  assert saved["accuracy"] == pytest.approx(np.mean(ensemble.argmax(1) == truth), abs=1e-12)
 
 
 def test_ctrl_c_at_any_moment_of_predict_is_one_line(workdir, mnist_test, tmp_path):
