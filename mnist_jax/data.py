@@ -179,6 +179,19 @@ def _prepare_bundled_mnist(data_dir: str | None) -> None:
         file=sys.stderr, flush=True)
   with contextlib.redirect_stdout(io.StringIO()):  # tfds' own lines speak of a download.
     builder.download_and_prepare()
+  records = sorted(glob.glob(os.path.join(glob.escape(builder.data_dir), "*.tfrecord*")))
+  digests = {os.path.basename(path): _sha256(path) for path in records}
+  rundir.write_text(os.path.join(builder.data_dir, PREPARED_DIGESTS), json.dumps(digests, indent=1))
+
+
+# Beside the record files of the MNIST this package prepares: their SHA-256 digests, so that a
+# damaged record is found before TensorFlow reads it (and prepared again) rather than while.
+PREPARED_DIGESTS = "mnist_jax_sha256.json"
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()  # MNIST's records: 23 MB.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +253,17 @@ def _damaged_files(builder) -> str | None:
       return f"{split.filepaths[sizes.index(None)]} is missing"
     if sum(sizes) != expected:
       return f"split {split.name!r} has {sum(sizes)} bytes of files, not {expected}"
+  try:
+    with open(os.path.join(builder.data_dir, PREPARED_DIGESTS), encoding="utf-8") as f:
+      digests = json.load(f)
+  except FileNotFoundError:  # Prepared by tfds itself: a damaged record shows when it is read.
+    return None
+  except (OSError, ValueError) as e:
+    return f"{PREPARED_DIGESTS} cannot be read ({type(e).__name__})"
+  for name, digest in sorted(digests.items()) if isinstance(digests, dict) else [("?", None)]:
+    path = os.path.join(builder.data_dir, name)
+    if not os.path.exists(path) or _sha256(path) != digest:
+      return f"{name} differs from its SHA-256 at preparation"
   return None
 
 

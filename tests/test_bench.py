@@ -12,14 +12,14 @@ def test_quick_benchmark_from_another_directory_prints_a_row_per_loop(tmp_path):
   # Started outside the repository, it still finds its default config, experiments/seed_mlp.py.
   result = subprocess.run(
       [sys.executable, "-m", "mnist_jax.bench", "--quick", "--config.batch_size=500",
-       "--loops=jax_device,command,jax_stream,keras,torch"],
+       "--loops=jax_device,command,keras,torch"],
       cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
   )
   assert result.returncode == 0, result.stderr
   rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines()
           if line.startswith("| ") and not line.startswith("| loop")}
-  assert set(rows) == {"jax_device", "jax_stream", "keras", "torch"}
-  for loop in ("jax_device", "jax_stream", "keras"):
+  assert set(rows) == {"jax_device", "keras", "torch"}
+  for loop in ("jax_device", "keras"):
     accuracy = float(rows[loop][5].rstrip("%"))
     assert 80.0 < accuracy <= 100.0, rows[loop]
   # PyTorch is optional: a row with its figures where it is installed, a note where it is not.

@@ -188,12 +188,22 @@ def test_damaged_prepared_mnist_is_prepared_again(tmp_path, monkeypatch, capsys,
   assert "preparing it again" in err
 
 
-def test_a_corrupted_record_names_the_damaged_directory(tmp_path, mnist_test):
-  del mnist_test  # Prepared.
+def test_a_corrupted_record_is_found_by_its_digest_or_named_when_read(tmp_path, monkeypatch,
+                                                                      capsys, mnist_test):
   prepared = data._builder("mnist", None).data_dir
   version_dir = tmp_path / "mnist" / os.path.basename(prepared)
   shutil.copytree(prepared, version_dir)
   _flip_middle_byte(version_dir / _TEST_RECORDS)
+  monkeypatch.setattr(data, "_prepare_bundled_mnist",
+                      lambda data_dir: shutil.copytree(prepared, version_dir))
+  # The digests written when the package prepared MNIST find it before TensorFlow reads it.
+  split = data.load_tfds("mnist", "test", str(tmp_path))
+  np.testing.assert_array_equal(split.labels_N, mnist_test.labels_N)
+  assert f"{_TEST_RECORDS} differs from its SHA-256 at preparation" in capsys.readouterr().err
+
+  # Without them (a dataset tfds prepared itself), reading it names the directory.
+  _flip_middle_byte(version_dir / _TEST_RECORDS)
+  os.remove(version_dir / data.PREPARED_DIGESTS)
   with pytest.raises(data.DataError, match=rf"'mnist' in {version_dir} is damaged \(corrupted record "
                                            rf"at \d+\); delete that directory"):
     data.load_tfds("mnist", "test", str(tmp_path))

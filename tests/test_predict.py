@@ -173,8 +173,8 @@ def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_
   paths = sorted((tmp_path / "digits").glob("*/*.png"))
   truth = np.array([int(path.parent.name) for path in paths])
   prepared = np.stack([predict.mnist_like(predict.load_image(str(path))) for path in paths])[..., None]
-  per_seed = [np.mean(np.argmax(model.state.apply_fn(
-      {"params": params}, prepared.astype(np.float32) / 255.0, train=False), 1) == truth)
+  per_seed = [float(np.mean(np.asarray(model.state.apply_fn(
+      {"params": params}, prepared.astype(np.float32) / 255.0, train=False)).argmax(1) == truth))
               for params in (first, second)]
   ensemble = predict.probabilities(model, prepared, preprocess=False)
   assert saved["accuracy_per_seed"] == pytest.approx(per_seed, abs=1e-12)
