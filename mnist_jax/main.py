@@ -1,8 +1,10 @@
 """Command line: `python -m mnist_jax.main --config=experiments/<name>.py --workdir=runs/<name>`.
 
   --mode=train    (default) train, or resume from the workdir's latest checkpoint, then report
-  --mode=eval     test loss and accuracy of a checkpoint (--checkpoint=best|latest|<step>)
+  --mode=eval     test loss and accuracy of a checkpoint (--checkpoint=best|latest|<step>), or
+                  its report on a labelled folder (--images_dir=my_digits); --calibrated
   --mode=predict  the digit in each of --images=a.png,b.jpg
+  --mode=attack   test accuracy under FGSM and PGD at each of --eps (studies.py)
   --mode=explore  the config's dataset: shapes, class counts and plots
   --mode=report   redraw the training report of a finished --workdir (no --config needed)
   --mode=sweep    train every point of the config file's get_sweep() (see sweep.py)

@@ -181,6 +181,7 @@ def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_
   assert saved["accuracy"] == pytest.approx(np.mean(ensemble.argmax(1) == truth), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_any_moment_of_predict_is_one_line(workdir, mnist_test, tmp_path):
   images = ",".join(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png")
                     for i in range(20))
