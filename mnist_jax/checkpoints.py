@@ -146,7 +146,8 @@ def digests(tree: Any) -> dict[str, str]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(parallel.local_copy(tree)):
     array = np.ascontiguousarray(leaf)
     head = f"{array.dtype.str}{array.shape}".encode()
-    result[jax.tree_util.keystr(path, simple=True, separator="/")] = hashlib.sha256(head + array.tobytes()).hexdigest()
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    result[name] = hashlib.sha256(head + array.tobytes()).hexdigest()
   return result
 
 
@@ -182,7 +183,8 @@ def _checked_meta(meta: Any) -> dict[str, Any]:
   return meta
 
 
-def _read_items(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict, ml_collections.ConfigDict]:
+def _read_items(manager: ocp.CheckpointManager, step: int
+                ) -> tuple[dict, dict, ml_collections.ConfigDict]:
   """A step's meta item, its config as saved, and as a checked ConfigDict."""
   saved = manager.restore(
       step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
@@ -201,7 +203,8 @@ def _verify(arrays: Any, meta: dict[str, Any]) -> None:
   if saved is None:  # Saved before checkpoints had digests: nothing to check against.
     return
   actual = digests(arrays)
-  wrong = sorted(path for path in saved.keys() | actual.keys() if saved.get(path) != actual.get(path))
+  wrong = sorted(path for path in saved.keys() | actual.keys()
+                 if saved.get(path) != actual.get(path))
   if wrong:
     raise _Damaged(f"{len(wrong)} array(s) differ from their saved digests: {', '.join(wrong[:3])}")
 
@@ -300,8 +303,8 @@ def _steps_with_damaged_metrics(workdir: str) -> list[int]:
   """Steps whose orbax metrics item is not `{"selection": <number>, ...}`."""
   damaged = []
   directory = checkpoint_dir(workdir)
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
-  for step in sorted(steps):
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  for step in sorted(int(name) for name in names if name.isdigit()):
     try:
       with open(os.path.join(directory, str(step), "metrics", "metrics"), encoding="utf-8") as f:
         selection = json.load(f)["selection"]

@@ -283,7 +283,8 @@ def _gist(reason: Any) -> str:
 def _prepared_mnist(data_dir: str | None):
   """tfds' mnist, prepared from the bundled files where it is not prepared or is damaged."""
   tfds = _tfds()
-  version_dir = os.path.join(_data_root(data_dir), "mnist", str(tfds.image_classification.MNIST.VERSION))
+  version = str(tfds.image_classification.MNIST.VERSION)
+  version_dir = os.path.join(_data_root(data_dir), "mnist", version)
 
   def prepared(repair: bool):
     """The builder if prepared and whole, else None; with `repair`, a damaged one is removed
@@ -297,7 +298,8 @@ def _prepared_mnist(data_dir: str | None):
       return builder
     if repair and os.path.exists(version_dir) and (damage or os.listdir(version_dir)):
       print(f"mnist_jax: warning: tfds' prepared mnist in {version_dir} is damaged "
-            f"({damage or 'no dataset_info.json'}); preparing it again", file=sys.stderr, flush=True)
+            f"({damage or 'no dataset_info.json'}); preparing it again", file=sys.stderr,
+            flush=True)
       shutil.rmtree(version_dir)
     return None
 

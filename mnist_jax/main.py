@@ -225,7 +225,8 @@ def _quiet_library_errors() -> None:
   hook = sys.unraisablehook
 
   def unraisable(info: Any) -> None:
-    closed_loop = isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
+    closed_loop = (isinstance(info.exc_value, RuntimeError)
+                   and str(info.exc_value) == "Event loop is closed")
     orbax_coroutine = "/orbax/" in getattr(getattr(info.object, "cr_code", None), "co_filename", "")
     if not (closed_loop or orbax_coroutine):
       hook(info)

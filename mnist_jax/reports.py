@@ -132,9 +132,11 @@ def _confusion_table(counts_CC: np.ndarray, class_names: list[str]) -> str:
 def _calibration_section(logits_NC: np.ndarray, labels_N: np.ndarray, temperature: float | None,
                          fitted_on: str, figure: str) -> str:
   """Markdown: NLL, ECE and mean confidence as trained and, where fitted, temperature scaled."""
+  scalings = [("as trained", 1.0)]
+  if temperature is not None:
+    scalings.append((f"temperature scaled, T = {temperature:.3f}", temperature))
   rows = []
-  for name, t in [("as trained", 1.0)] + ([] if temperature is None else
-                                         [(f"temperature scaled, T = {temperature:.3f}", temperature)]):
+  for name, t in scalings:
     probs_NC = calibration.probabilities(logits_NC, t)
     rows.append([name, f"{calibration.negative_log_likelihood(logits_NC, labels_N, t):.4f}",
                  f"{calibration.expected_calibration_error(probs_NC, labels_N):.4f}",
