@@ -49,11 +49,14 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
         temperature_fitted_on=np.array(f"the validation split ({split})"))
   mistakes = most_confident_mistakes(np.exp(log_softmax(logits_NC.astype(np.float64))),
                                      test.labels_N, NUM_MISTAKES)  # As `write_report` ranks them.
-  saliency_KHWC = attacks.saliency(state, test.images_NHWC[mistakes], logits_NC[mistakes].argmax(1),
-                                   mean=config.pixel_mean, std=config.pixel_std)
-  rundir.write_predictions(
-      workdir, logits_NC, test.labels_N, info.class_names, **calibrated,
-      saliency_KHW=np.asarray(saliency_KHWC).max(axis=-1), saliency_index_K=mistakes)
+  saliency = {}
+  if len(mistakes):
+    saliency_KHWC = attacks.saliency(state, test.images_NHWC[mistakes],
+                                     logits_NC[mistakes].argmax(1), mean=config.pixel_mean,
+                                     std=config.pixel_std)
+    saliency = dict(saliency_KHW=np.asarray(saliency_KHWC).max(axis=-1), saliency_index_K=mistakes)
+  rundir.write_predictions(workdir, logits_NC, test.labels_N, info.class_names, **calibrated,
+                           **saliency)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +359,6 @@ def write_study(out_dir: str, title: str, images_NHWC: np.ndarray, labels_N: np.
   captions = [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}\np = "
               f"{probs_NC[i, predicted_N[i]]:.3f}" for i in mistakes]
   config = model.config
-  saliency_KHWC = np.asarray(attacks.saliency(
-      model.state, images_NHWC[mistakes], predicted_N[mistakes], mean=config.pixel_mean,
-      std=config.pixel_std, num_seeds=config.num_seeds))
   figures = {
       "confusion_matrix": lambda: plots.confusion_matrix(
           counts_CC, *recall_and_precision(counts_CC), class_names,
@@ -367,10 +367,16 @@ def write_study(out_dir: str, title: str, images_NHWC: np.ndarray, labels_N: np.
           images_NHWC[mistakes], captions,
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
           [plots.WRONG_COLOR] * len(mistakes)),
-      "mistake_saliency": _saliency_figure(images_NHWC[mistakes], saliency_KHWC.max(axis=-1),
-                                           captions),
       "reliability": _reliability_figure(log_probs_NC, labels_N, f"{len(labels_N)} images"),
   }
+  saliency_text = ""
+  if len(mistakes):
+    saliency_KHWC = np.asarray(attacks.saliency(
+        model.state, images_NHWC[mistakes], predicted_N[mistakes], mean=config.pixel_mean,
+        std=config.pixel_std, num_seeds=config.num_seeds))
+    figures["mistake_saliency"] = _saliency_figure(images_NHWC[mistakes],
+                                                   saliency_KHWC.max(axis=-1), captions)
+    saliency_text = _SALIENCY_TEXT.format(figure="mistake_saliency.png")
   seconds = plots.write_pngs(figures, out_dir)
   seeds = result["accuracy_per_seed"]
   summary = [[result["images"], f"{result['accuracy']:.2%}",
@@ -399,7 +405,7 @@ images/s with reading and preprocessing.
 ![most confident mistakes](confident_mistakes.png)
 
 {_markdown_table(["file", "true", "predicted", "probability"], rows)}
-{_SALIENCY_TEXT.format(figure="mistake_saliency.png")}""")
+{saliency_text}""")
   return seconds
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from mnist_jax import attacks, calibration, checkpoints, data, errors, predict, rundir, steps
 
-NUM_MISTAKES = 25
 EVAL_DIR = "eval"
 ATTACK_DIR = "attack"
 

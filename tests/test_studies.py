@@ -176,3 +176,17 @@ def test_calibrated_needs_a_validation_split(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith(
       "mnist_jax: --calibrated fits a temperature on the run's validation split, and this run has none")
+
+
+def test_a_folder_without_mistakes_reports_none(workdir, model, mnist_test, tmp_path):
+  folder = _labelled_folder(tmp_path / "right", mnist_test, 30)
+  paths = sorted(folder.glob("*/*.png"))
+  probs = predict.probabilities(model, [predict.load_image(str(path)) for path in paths])
+  for path, p in zip(paths, probs):
+    if p.argmax() != int(path.parent.name):
+      path.unlink()
+  result = main_in_process("--mode=eval", f"--workdir={workdir}", f"--images_dir={folder}")
+  assert result.returncode == 0, result.stderr
+  out = workdir / "eval" / "right"
+  assert json.loads((out / "results.json").read_text())["accuracy"] == 1.0
+  assert not (out / "mistake_saliency.png").exists() and (out / "reliability.png").exists()
