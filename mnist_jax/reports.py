@@ -405,8 +405,14 @@ images/s with reading and preprocessing.
 ![most confident mistakes](confident_mistakes.png)
 
 {_markdown_table(["file", "true", "predicted", "probability"], rows)}
-{saliency_text}""")
+{saliency_text}{_skipped_section(result["skipped"])}""")
   return seconds
+
+
+def _skipped_section(skipped: list[str]) -> str:
+  if not skipped:
+    return ""
+  return f"\n## Skipped ({len(skipped)})\n\n" + "".join(f"- `{entry}`\n" for entry in skipped)
 
 
 def write_attack_report(out_dir: str, result: attacks.Robustness, images_NHWC: np.ndarray,

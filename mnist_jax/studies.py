@@ -66,9 +66,10 @@ def _class_of(folder: str, class_names: tuple[str, ...]) -> int | None:
 
 
 def load_folder(directory: str, class_names: tuple[str, ...]
-                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """The MNIST-like images `[N, 28, 28]`, labels and paths of a labelled folder. A file that
-  cannot be used, a subfolder named by no class and an empty one are each a warning line."""
+                ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+  """The MNIST-like images `[N, 28, 28]`, labels and paths of a labelled folder, and what was
+  skipped. A file that cannot be used, a subfolder named by no class and an empty one are each a
+  warning line and an entry of the skipped list (`<path>: <why>`)."""
   if not os.path.isdir(directory):
     raise StudyError(f"{directory} is not a directory; --images_dir takes a folder with one "
                      f"subfolder per class")
@@ -78,31 +79,32 @@ def load_folder(directory: str, class_names: tuple[str, ...]
   if not any(index is not None for index in classes.values()):
     raise StudyError(f"{directory} has no subfolder named by a class of this model; expected "
                      f"subfolders such as {', '.join(repr(n) for n in class_names[:3])}, ...")
-  images, labels, paths = [], [], []
+  images, labels, paths, skipped = [], [], [], []
+
+  def skip(path: str, why: str) -> None:
+    print(f"mnist_jax: {path}: {why}", file=sys.stderr, flush=True)
+    skipped.append(f"{os.path.relpath(path, directory)}: {why}")
+
   for name, index in classes.items():
     folder = os.path.join(directory, name)
     if index is None:
-      _warn(f"{folder}: not a class of this model (classes: {', '.join(class_names)}); skipped")
+      skip(folder, f"not a class of this model (classes: {', '.join(class_names)}); skipped")
       continue
     files = sorted(os.listdir(folder))
     if not files:
-      _warn(f"{folder}: empty")
+      skip(folder, "empty")
     for file in files:
       path = os.path.join(folder, file)
       try:
         images.append(predict.mnist_like(predict.load_image(path)))
       except predict.ImageError as e:
-        _warn(f"{path}: {e}; skipped")
+        skip(path, f"{e}; skipped")
         continue
       labels.append(index)
       paths.append(path)
   if not images:
     raise StudyError(f"{directory} holds no image that can be read")
-  return np.stack(images), np.array(labels, np.int32), paths
-
-
-def _warn(message: str) -> None:
-  print(f"mnist_jax: {message}", file=sys.stderr, flush=True)
+  return np.stack(images), np.array(labels, np.int32), paths, skipped
 
 
 def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
@@ -115,7 +117,7 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
     raise StudyError(f"folder evaluation needs a 28x28 grayscale model; this one takes "
                      f"{info.image_shape}")
   start = time.perf_counter()
-  images_NHW, labels_N, paths = load_folder(directory, info.class_names)
+  images_NHW, labels_N, paths, skipped = load_folder(directory, info.class_names)
   loaded = time.perf_counter()
   log_probs_NC, logits_SNC = log_probabilities(model, images_NHW[..., None])
   predicted = time.perf_counter()
@@ -132,6 +134,7 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
       "temperature": temperature, "temperature_fitted_on": fitted_on,
       "images_per_s_predicting": num / max(predicted - loaded, 1e-9),
       "images_per_s_with_loading": num / max(predicted - start, 1e-9),
+      "skipped": skipped,
   }
   out_dir = os.path.join(workdir, EVAL_DIR, os.path.basename(os.path.normpath(directory)))
   reports.write_study(out_dir, f"Evaluation on `{result['folder']}`", images_NHW[..., None],

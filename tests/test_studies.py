@@ -129,6 +129,11 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
   assert saved["ece"] == pytest.approx(calibration.expected_calibration_error(probs, truth), abs=1e-5)
   report = (workdir / "eval" / "digits" / "report.md").read_text()
   assert "| 1/a_seven.png | 1 | 7 |" in report
+  skipped = ["3/notes.txt: not an image file that Pillow can read; skipped",
+             "5/empty: is a directory, not an image; skipped",
+             "cats: not a class of this model (classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9); skipped"]
+  assert saved["skipped"] == skipped
+  assert "## Skipped (3)\n\n" + "".join(f"- `{entry}`\n" for entry in skipped) in report
   for name in ("confusion_matrix", "confident_mistakes", "mistake_saliency", "reliability"):
     assert os.path.getsize(workdir / "eval" / "digits" / f"{name}.png") > 0
 
