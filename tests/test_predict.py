@@ -32,7 +32,7 @@ def _render(image_HW, index, path):
 
 
 def test_eval_prints_the_test_metrics_training_reported_for_the_best_checkpoint(workdir):
-  result = run_main("--mode=eval", f"--workdir={workdir}")
+  result = main_in_process("--mode=eval", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   best = max(records, key=lambda r: (r["test_accuracy"], r["epoch"]))
@@ -127,7 +127,7 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
       str(tmp_path / "huge.png"): "6000x5000 pixels is above the limit of 25 megapixels",
   }
   paths = [good[0], *bad, good[1]]
-  result = run_main("--mode=predict", f"--workdir={workdir}", f"--images={','.join(paths)}")
+  result = main_in_process("--mode=predict", f"--workdir={workdir}", f"--images={','.join(paths)}")
   assert result.returncode == 1
 
   model = predict.load(str(workdir))

@@ -157,7 +157,7 @@ def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
 
 
 def test_report_mode_on_an_unfinished_workdir_is_one_clear_line(tmp_path):
-  result = run_main("--mode=report", f"--workdir={tmp_path}")
+  result = main_in_process("--mode=report", f"--workdir={tmp_path}")
   assert result.returncode != 0
   assert result.stderr.strip().startswith(f"mnist_jax: {tmp_path / 'config.json'} does not exist")
   assert len(result.stderr.strip().splitlines()) == 1
