@@ -6,13 +6,13 @@ written by `ocp.CheckpointManager` (atomically: a half-written step is never lis
   state    `{"params", "opt_state", "step", "dropout_rng"}`, orbax's StandardSave
   meta     JSON: `epoch`, `steps_per_epoch`, `dataset` (what predict needs), `history`, the
            metrics record of every epoch so far (metrics.jsonl is rewritten from it on resume),
-           and `sha256`, a digest of every array of `state`
+           `sha256`, a digest of every array of `state`, and `config_sha256`, of the config item
   config   JSON: the config the state was trained with
   metrics  orbax's own: `{"selection": value, <metric name>: value}`, for its retention
 
 Retention keeps the newest `config.keep_checkpoints` and the best by `metrics.selection_metric`.
-Everything read back is checked before use: meta's fields, the config (`configs.validate`) and
-every array against its digest. A checkpoint that fails is damaged: restoring falls back to the
+Everything read back is checked before use: meta's fields, the config (`configs.validate` and
+its digest) and every array against its digest. A checkpoint that fails is damaged: restoring falls back to the
 next one with a warning; resuming also moves it to `checkpoints_unreadable/`.
 """
 
@@ -151,6 +151,11 @@ def digests(tree: Any) -> dict[str, str]:
   return result
 
 
+def _json_digest(value: Any) -> str:
+  """SHA-256 of a JSON value, independent of key order."""
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def _whole(value: Any, low: int = 1) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -192,6 +197,8 @@ def _read_items(manager: ocp.CheckpointManager, step: int
   meta = _checked_meta(saved.meta)
   if not isinstance(saved.config, dict):
     raise _Damaged("config item: not a JSON object")
+  if "config_sha256" in meta and meta["config_sha256"] != _json_digest(saved.config):
+    raise _Damaged("config item differs from its saved digest")
   config = ml_collections.ConfigDict(saved.config)
   configs.validate(config)
   return meta, saved.config, config.lock()
@@ -447,8 +454,9 @@ class TrainingCheckpoints:
 
   def _save(self, state: Any, history: list[dict[str, Any]]) -> None:
     metric = metrics.selection_metric(self.config)
+    config = rundir.config_dict(self.config)
     meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history,
-            "sha256": digests(_as_pytree(state))}
+            "sha256": digests(_as_pytree(state)), "config_sha256": _json_digest(config)}
     step = int(state.step)
     try:
       self._manager.save(
@@ -456,7 +464,7 @@ class TrainingCheckpoints:
           args=ocp.args.Composite(
               state=ocp.args.StandardSave(_as_pytree(state)),
               meta=ocp.args.JsonSave(meta),
-              config=ocp.args.JsonSave(rundir.config_dict(self.config)),
+              config=ocp.args.JsonSave(config),
           ),
           metrics={"selection": history[-1][metric], metric: history[-1][metric]},
       )

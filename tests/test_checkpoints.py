@@ -1,5 +1,6 @@
 """Saving, retention, fallback from damaged checkpoints, config checks and the workdir lock."""
 
+import json
 import os
 import shutil
 
@@ -251,13 +252,22 @@ def test_a_flipped_bit_in_any_array_is_caught_by_its_digest(tmp_path, capsys):
   assert os.path.isdir(tmp_path / "checkpoints_unreadable" / "200")
 
 
+def _config_with(workdir, step, **changes):
+  """The config item of a checkpoint with `changes`: still a config that passes every check."""
+  path = workdir / "checkpoints" / str(step) / "config" / "metadata"
+  return json.dumps({**json.loads(path.read_text()), **changes})
+
+
 @pytest.mark.parametrize("item, text", [
     ("meta/metadata", "{}"), ("meta/metadata", '{"epoch": 2}'), ("meta/metadata", "[1]"),
     ("config/metadata", '{"model": "mlp"}'), ("config/metadata", "{bad"),
+    # A bit flipped in a number (1.0 -> 3.0) leaves a valid config: only its digest tells.
+    ("config/metadata", lambda workdir: _config_with(workdir, 200, pixel_std=3.0)),
 ])
 def test_a_damaged_meta_or_config_item_is_a_damaged_checkpoint(tmp_path, capsys, item, text):
   config = _config()
   _save_epochs(tmp_path, config, [0.1, 0.9])
+  text = text(tmp_path) if callable(text) else text
   with open(tmp_path / "checkpoints" / "200" / item, "w") as f:
     f.write(text)
   capsys.readouterr()
