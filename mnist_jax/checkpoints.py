@@ -43,8 +43,10 @@ from orbax.checkpoint import checkpoint_managers
 from mnist_jax import configs, errors, metrics, parallel, rundir
 
 # Fields that may differ between a run and its resume because they do not change what is
-# trained. `num_epochs` joins them unless a schedule is stretched over it (see `config_changes`).
-RESUMABLE_CHANGES = ("num_epochs", "data_dir", "checkpoint_every_epochs", "keep_checkpoints")
+# trained (the two input pipelines train the same bits). `num_epochs` joins them unless a
+# schedule is stretched over it (see `config_changes`).
+RESUMABLE_CHANGES = ("num_epochs", "data_dir", "checkpoint_every_epochs", "keep_checkpoints",
+                     "input_pipeline")
 
 _ITEMS = ("state", "meta", "config")
 

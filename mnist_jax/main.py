@@ -78,6 +78,12 @@ _PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "attack: PGD's steps, the fir
                                   lower_bound=1)
 _ATTACK_EXAMPLES = flags.DEFINE_integer(
     "attack_examples", None, "attack: only the first this many test images.", lower_bound=1)
+# The modes each of these flags is for.
+_MODE_FLAGS = [
+    (_CHECKPOINT, ("eval", "predict", "attack")), (_IMAGES, ("predict",)),
+    (_IMAGES_DIR, ("eval",)), (_CALIBRATED, ("eval", "predict")), (_EPS, ("attack",)),
+    (_PGD_STEPS, ("attack",)), (_ATTACK_EXAMPLES, ("attack",)),
+]
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join the other processes through jax.distributed.initialize; on Cloud "
     "TPU, SLURM and Open MPI it finds them itself, elsewhere give the three flags below.",
@@ -147,8 +153,11 @@ def _eval() -> None:
   from mnist_jax import calibration, data, pipelines, predict, studies  # pylint: disable=import-outside-toplevel
 
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  # Fitted first: a run without a validation split is refused before any other work.
+  temperature, fitted_on = studies.fit_temperature(model) if _CALIBRATED.value else (1.0, "")
   if _IMAGES_DIR.value:
-    result = studies.evaluate_folder(model, _IMAGES_DIR.value, _WORKDIR.value, _CALIBRATED.value)
+    result = studies.evaluate_folder(model, _IMAGES_DIR.value, _WORKDIR.value,
+                                     (temperature, fitted_on) if _CALIBRATED.value else None)
     seeds = result["accuracy_per_seed"]
     per_seed = f" (per seed: {', '.join(f'{a:.4f}' for a in seeds)})" if len(seeds) > 1 else ""
     calibrated = f"  temperature {result['temperature']:.4f}" if _CALIBRATED.value else ""
@@ -161,7 +170,6 @@ def _eval() -> None:
   print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {show(metrics['loss'])}  "
         f"test_accuracy {show(metrics['accuracy'])}  test_examples {int(metrics['count'].max())}")
   if _CALIBRATED.value:
-    temperature, fitted_on = studies.fit_temperature(model)
     test = data.load_split(model.config.dataset, "test", model.config.data_dir)
     log_probs_NC, _ = studies.log_probabilities(model, test.images_NHWC)
     scores = [(calibration.negative_log_likelihood(log_probs_NC, test.labels_N, t),
@@ -179,6 +187,8 @@ def _attack() -> None:
     eps = [float(e) for e in _EPS.value]
   except ValueError:
     sys.exit(f"mnist_jax: --eps must be numbers, got {','.join(_EPS.value)}")
+  if not eps:
+    sys.exit("mnist_jax: --eps needs at least one value, e.g. --eps=0,0.1,0.2")
   if not all(0.0 <= e <= 1.0 for e in eps):
     sys.exit(f"mnist_jax: --eps must be in [0, 1] (pixels / 255), got {','.join(_EPS.value)}")
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
@@ -246,6 +256,10 @@ def main(argv: list[str]) -> None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:
     sys.exit("mnist_jax: --workdir is required, e.g. --workdir=runs/seed_mlp")
+  for flag, modes in _MODE_FLAGS:  # Given to another mode, it would be ignored.
+    if flag.present and _MODE.value not in modes:
+      sys.exit(f"mnist_jax: --{flag.name} is for --mode={' or '.join(modes)}, not "
+               f"--mode={_MODE.value}")
   cluster = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID, _MULTIHOST_TIMEOUT)
   if not _MULTIHOST.value and any(flag.present for flag in cluster):
     sys.exit(f"mnist_jax: --{next(f for f in cluster if f.present).name} needs --multihost")

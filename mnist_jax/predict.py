@@ -24,6 +24,8 @@ MNIST_SIZE = 28
 MAX_PIXELS = 25_000_000
 # Larger sides are reduced before the digit is found, keeping memory small for photos.
 WORKING_SIDE = 2048
+# A smaller side cannot hold a legible digit.
+MIN_SIDE = 8
 DIGIT_BOX = 20
 # Pixels brighter than this fraction of the strongest stroke bound the digit (ignores faint noise).
 _INK_THRESHOLD = 0.2
@@ -93,8 +95,8 @@ def _gray(image: Image.Image, factor: int) -> Image.Image:
   if not image.mode.startswith(("I", "F")):
     return image.convert("L").reduce(factor)
   pixels = np.array((image if image.mode == "F" else image.convert("F")).reduce(factor))
-  if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max() > 255):
-    pixels *= 255 / 65535
+  if image.mode.startswith("I") and pixels.max() > 255:  # 16 bits, or 12 in a 16-bit file.
+    pixels *= 255 / pixels.max()
   elif image.mode == "F" and pixels.max() <= 1:
     pixels *= 255
   return Image.fromarray(pixels.clip(0, 255), "F")
@@ -107,6 +109,9 @@ def _to_gray(image: np.ndarray) -> np.ndarray:
     image = image[..., 0] if image.shape[-1] == 1 else image[..., :3] @ np.float32([.299, .587, .114])
   if image.ndim != 2 or min(image.shape) < 1:
     raise ImageError(f"an image must be [H, W] or [H, W, 1|3|4], got shape {image.shape}")
+  if min(image.shape) < MIN_SIDE:
+    raise ImageError(f"{image.shape[1]}x{image.shape[0]} pixels is too small to hold a digit "
+                     f"(at least {MIN_SIDE}x{MIN_SIDE})")
   return image
 
 

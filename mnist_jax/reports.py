@@ -124,16 +124,28 @@ The figures and tables below are those of seed {first_seed}.
 
 
 def _confusion_table(counts_CC: np.ndarray, class_names: list[str]) -> str:
+  """Counts, recall per row and precision per column ("-" where a class has no examples or was
+  never predicted)."""
   recall_C, precision_C = recall_and_precision(counts_CC)
-  rows = [[f"**{name}**", *counts_CC[i].tolist(), int(counts_CC[i].sum()), f"{recall_C[i]:.2%}"]
-          for i, name in enumerate(class_names)]
-  rows.append(["**precision**", *(f"{p:.2%}" for p in precision_C), "", ""])
+  share = lambda value, count: f"{value:.2%}" if count else "-"
+  rows = [[f"**{name}**", *counts_CC[i].tolist(), int(counts_CC[i].sum()),
+           share(recall_C[i], counts_CC[i].sum())] for i, name in enumerate(class_names)]
+  rows.append(["**precision**",
+               *(share(p, count) for p, count in zip(precision_C, counts_CC.sum(axis=0))), "", ""])
   return _markdown_table(["true (row), predicted (column)", *class_names, "examples", "recall"],
                          rows)
 
 
+_NO_VALIDATION_SPLIT = (
+    " No temperature was fitted: the run holds out no validation split "
+    "(`config.validation_fraction`), and one fitted on training examples sharpens "
+    "probabilities that are already too sharp on unseen ones.")
+_NOT_CALIBRATED = (" Probabilities as trained; `--calibrated` divides the logits by the "
+                   "temperature fitted on the run's validation split.")
+
+
 def _calibration_section(logits_NC: np.ndarray, labels_N: np.ndarray, temperature: float | None,
-                         fitted_on: str, figure: str) -> str:
+                         fitted_on: str, figure: str, without: str = _NO_VALIDATION_SPLIT) -> str:
   """Markdown: NLL, ECE and mean confidence as trained and, where fitted, temperature scaled."""
   scalings = [("as trained", 1.0)]
   if temperature is not None:
@@ -144,9 +156,7 @@ def _calibration_section(logits_NC: np.ndarray, labels_N: np.ndarray, temperatur
     rows.append([name, f"{calibration.negative_log_likelihood(logits_NC, labels_N, t):.4f}",
                  f"{calibration.expected_calibration_error(probs_NC, labels_N):.4f}",
                  f"{probs_NC.max(1).mean():.4f}", f"{np.mean(probs_NC.argmax(1) == labels_N):.2%}"])
-  fitted = (" No temperature was fitted: the run holds out no validation split "
-            "(`config.validation_fraction`), and one fitted on training examples sharpens "
-            "probabilities that are already too sharp on unseen ones." if temperature is None else
+  fitted = (without if temperature is None else
             f" The temperature T divides the logits and changes no prediction; it was fitted to "
             f"minimize the NLL on {fitted_on}.")
   return f"""
@@ -399,7 +409,7 @@ images/s with reading and preprocessing.
 
 {_confusion_table(counts_CC, class_names)}
 {_calibration_section(log_probs_NC, labels_N, temperature,
-                      result["temperature_fitted_on"], "reliability.png")}
+                      result["temperature_fitted_on"], "reliability.png", _NOT_CALIBRATED)}
 ## The {len(mistakes)} most confident mistakes
 
 ![most confident mistakes](confident_mistakes.png)

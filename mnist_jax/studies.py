@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -74,7 +75,7 @@ def load_folder(directory: str, class_names: tuple[str, ...]
     raise StudyError(f"{directory} is not a directory; --images_dir takes a folder with one "
                      f"subfolder per class")
   subfolders = sorted(name for name in os.listdir(directory)
-                      if os.path.isdir(os.path.join(directory, name)))
+                      if os.path.isdir(os.path.join(directory, name)) and not name.startswith("."))
   classes = {name: _class_of(name, class_names) for name in subfolders}
   if not any(index is not None for index in classes.values()):
     raise StudyError(f"{directory} has no subfolder named by a class of this model; expected "
@@ -90,11 +91,13 @@ def load_folder(directory: str, class_names: tuple[str, ...]
     if index is None:
       skip(folder, f"not a class of this model (classes: {', '.join(class_names)}); skipped")
       continue
-    files = sorted(os.listdir(folder))
+    files = _files_below(folder)
     if not files:
       skip(folder, "empty")
-    for file in files:
-      path = os.path.join(folder, file)
+    for path in files:
+      if not os.path.isfile(path):  # A FIFO or a device would block or mislead the reader.
+        skip(path, "not a regular file; skipped")
+        continue
       try:
         images.append(predict.mnist_like(predict.load_image(path)))
       except predict.ImageError as e:
@@ -107,9 +110,22 @@ def load_folder(directory: str, class_names: tuple[str, ...]
   return np.stack(images), np.array(labels, np.int32), paths, skipped
 
 
+def _files_below(folder: str) -> list[str]:
+  """Every file under `folder`, subfolders included (as Keras and torchvision read a class),
+  in sorted order; hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) left out."""
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+  return found
+
+
 def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
-                    calibrated: bool = False) -> dict[str, Any]:
-  """Scores the model on a labelled folder; writes `<workdir>/eval/<folder name>/`."""
+                    temperature: tuple[float, str] | None = None) -> dict[str, Any]:
+  """Scores the model on a labelled folder; writes `<workdir>/eval/<folder name>/`.
+
+  `temperature`: `fit_temperature(model)`, to report calibrated probabilities.
+  """
   from mnist_jax import reports  # pylint: disable=import-outside-toplevel  # Loads matplotlib.
 
   info = predict.dataset_info(model.meta)
@@ -121,7 +137,7 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
   loaded = time.perf_counter()
   log_probs_NC, logits_SNC = log_probabilities(model, images_NHW[..., None])
   predicted = time.perf_counter()
-  temperature, fitted_on = fit_temperature(model) if calibrated else (1.0, "")
+  temperature, fitted_on = temperature or (1.0, "")
   probs_NC = calibration.probabilities(log_probs_NC, temperature)
   num = len(labels_N)
   result = {
@@ -136,7 +152,9 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
       "images_per_s_with_loading": num / max(predicted - start, 1e-9),
       "skipped": skipped,
   }
-  out_dir = os.path.join(workdir, EVAL_DIR, os.path.basename(os.path.normpath(directory)))
+  # Named by the folder (a later evaluation of a folder of that name replaces it, whole).
+  out_dir = os.path.join(workdir, EVAL_DIR, os.path.basename(os.path.realpath(directory)))
+  shutil.rmtree(out_dir, ignore_errors=True)
   reports.write_study(out_dir, f"Evaluation on `{result['folder']}`", images_NHW[..., None],
                       labels_N, log_probs_NC, info.class_names, model, result,
                       [os.path.relpath(path, directory) for path in paths])

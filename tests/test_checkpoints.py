@@ -156,6 +156,11 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
   assert len(history) == 2
 
 
+def test_the_input_pipeline_may_change_on_resume():
+  stream = _config(input_pipeline="stream")  # It trains the same bits as the device pipeline.
+  assert checkpoints.config_changes(rundir.config_dict(_config()), stream) == []
+
+
 def test_fields_that_only_one_version_of_the_config_has_are_named_as_such():
   config = _config(learning_rate=0.01)
   saved = rundir.config_dict(_config())

@@ -42,6 +42,12 @@ def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
         (["--config=experiments/seed_mlp.py", "--config.batch_size=100000"],
          "config.batch_size 100000 is larger than the 60000 training examples"),
         (["--workdir_typo=x"], "Unknown command line flag 'workdir_typo'"),
+        # A flag for another mode would be ignored.
+        (["--mode=eval", "--images=a.png"], "--images is for --mode=predict, not --mode=eval"),
+        (["--mode=predict", "--images_dir=x"], "--images_dir is for --mode=eval, not --mode=predict"),
+        (["--config=experiments/seed_mlp.py", "--calibrated"],
+         "--calibrated is for --mode=eval or predict, not --mode=train"),
+        (["--mode=attack", "--eps="], "--eps needs at least one value"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message):

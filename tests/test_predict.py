@@ -90,6 +90,17 @@ def _save_oriented(upright_HW, orientation, path):
   return str(path)
 
 
+def test_a_12_bit_scan_in_a_16_bit_file_predicts_and_a_tiny_image_is_refused(workdir, mnist_test,
+                                                                             tmp_path):
+  digit = 255 - mnist_test.images_NHWC[0, ..., 0].astype(np.uint16)  # Dark on light.
+  Image.fromarray(digit * 16).save(tmp_path / "scan.png")  # 0..4080, as 12-bit scanners write.
+  model = predict.load(str(workdir))
+  probs = predict.probabilities(model, [predict.load_image(str(tmp_path / "scan.png"))])
+  assert probs.argmax() == mnist_test.labels_N[0]
+  with pytest.raises(predict.ImageError, match="2x1 pixels is too small to hold a digit"):
+    predict.mnist_like(np.zeros((1, 2)))
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_turns_the_image_upright(tmp_path, orientation):
   upright = np.arange(12 * 7, dtype=np.uint8).reshape(12, 7)

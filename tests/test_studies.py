@@ -110,13 +110,12 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
   (folder / "1" / "a_seven.png").write_bytes(sevens[sureness.argmax()].read_bytes())
   (folder / "3" / "notes.txt").write_text("not an image")
   (folder / "cats").mkdir()
-  (folder / "5" / "empty").mkdir()
+  (folder / "5" / "empty").mkdir()  # A nested folder with nothing in it adds nothing.
 
   result = main_in_process("--mode=eval", f"--workdir={workdir}", f"--images_dir={folder}")
   assert result.returncode == 0, result.stderr
   assert result.stderr.splitlines() == [
       f"mnist_jax: {folder}/3/notes.txt: not an image file that Pillow can read; skipped",
-      f"mnist_jax: {folder}/5/empty: is a directory, not an image; skipped",
       f"mnist_jax: {folder}/cats: not a class of this model (classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9); "
       "skipped"]
   saved = json.loads((workdir / "eval" / "digits" / "results.json").read_text())
@@ -130,10 +129,9 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
   report = (workdir / "eval" / "digits" / "report.md").read_text()
   assert "| 1/a_seven.png | 1 | 7 |" in report
   skipped = ["3/notes.txt: not an image file that Pillow can read; skipped",
-             "5/empty: is a directory, not an image; skipped",
              "cats: not a class of this model (classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9); skipped"]
   assert saved["skipped"] == skipped
-  assert "## Skipped (3)\n\n" + "".join(f"- `{entry}`\n" for entry in skipped) in report
+  assert "## Skipped (2)\n\n" + "".join(f"- `{entry}`\n" for entry in skipped) in report
   for name in ("confusion_matrix", "confident_mistakes", "mistake_saliency", "reliability"):
     assert os.path.getsize(workdir / "eval" / "digits" / f"{name}.png") > 0
 
@@ -178,9 +176,31 @@ def test_calibrated_predict_keeps_each_digit_and_changes_its_probability(workdir
 def test_calibrated_needs_a_validation_split(tmp_path):
   shutil.copytree(os.path.join(REPO, "tests", "data", "run_0.1.0"), tmp_path / "run")
   result = main_in_process("--mode=eval", f"--workdir={tmp_path / 'run'}", "--calibrated")
-  assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1].startswith(
+  assert (result.returncode, result.stdout) == (1, "")  # Refused before evaluating anything.
+  assert result.stderr.strip().startswith(
       "mnist_jax: --calibrated fits a temperature on the run's validation split, and this run has none")
+
+
+def test_a_folder_is_read_as_keras_and_torchvision_read_one(workdir, mnist_test, tmp_path):
+  """Images in subfolders of a class count; hidden files do not; what cannot be read is skipped;
+  a second evaluation of a folder of the same name replaces the first, whole."""
+  folder = _labelled_folder(tmp_path / "mine", mnist_test, 12)
+  (folder / "2" / "more").mkdir()
+  (folder / "2" / "more" / "x.png").write_bytes(next(folder.glob("2/*.png")).read_bytes())
+  (folder / "2" / ".DS_Store").write_bytes(b"\0\0")
+  (folder / ".ipynb_checkpoints").mkdir()
+  os.mkfifo(folder / "2" / "fifo.png")
+  result = main_in_process("--mode=eval", f"--workdir={workdir}", f"--images_dir={folder}")
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.splitlines() == [f"mnist_jax: {folder}/2/fifo.png: not a regular file; skipped"]
+  out = workdir / "eval" / "mine"
+  assert json.loads((out / "results.json").read_text())["images"] == 13
+  (out / "stale.png").write_bytes(b"")
+  other = tmp_path / "elsewhere" / "mine"
+  _labelled_folder(other, mnist_test, 3)
+  assert main_in_process("--mode=eval", f"--workdir={workdir}", f"--images_dir={other}/.").returncode == 0
+  assert json.loads((out / "results.json").read_text())["images"] == 3
+  assert not (out / "stale.png").exists()
 
 
 def test_a_folder_without_mistakes_reports_none(workdir, model, mnist_test, tmp_path):
