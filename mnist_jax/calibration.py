@@ -14,6 +14,7 @@ changes a prediction, only its confidence.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +94,16 @@ def held_out_split(config: ml_collections.ConfigDict) -> str | None:
     return None
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
   return data.holdout_splits(num_train, config.validation_fraction)[1]
+
+
+def fit_on_validation(config: ml_collections.ConfigDict,
+                      log_probabilities: Callable[[np.ndarray], np.ndarray]
+                      ) -> tuple[float, str] | None:
+  """The temperature of a model, from its `log_probabilities(uint8 images)` (or logits) on the
+  run's validation split, and which split that is; None for a run without one."""
+  split = held_out_split(config)
+  if split is None:
+    return None
+  held_out = data.load_split(config.dataset, split, config.data_dir)
+  temperature = fit_temperature(log_probabilities(held_out.images_NHWC), held_out.labels_N)
+  return temperature, f"the validation split ({split})"

@@ -13,11 +13,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_jax import checkpoints, data, errors, steps
+from mnist_jax import calibration, checkpoints, data, errors, steps
 
 MNIST_SIZE = 28
 # Images above this are refused unread; decoded, 25 MP of RGBA take 100 MB.
@@ -181,4 +180,4 @@ def probabilities(
   if temperature == 1.0:
     return probs_NC
   with np.errstate(divide="ignore"):  # A probability of 0 stays 0.
-    return np.asarray(jax.nn.softmax(np.log(probs_NC) / temperature, axis=-1))
+    return calibration.probabilities(np.log(probs_NC), temperature)

@@ -39,14 +39,9 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
                                              mean=config.pixel_mean, std=config.pixel_std)
   test = data.load_split(config.dataset, "test", config.data_dir)
   logits_NC = model_logits(test.images_NHWC)
-  split = calibration.held_out_split(config)
-  calibrated = {}
-  if split is not None:
-    held_out = data.load_split(config.dataset, split, config.data_dir)
-    calibrated = dict(
-        temperature=np.float32(calibration.fit_temperature(model_logits(held_out.images_NHWC),
-                                                           held_out.labels_N)),
-        temperature_fitted_on=np.array(f"the validation split ({split})"))
+  fitted = calibration.fit_on_validation(config, model_logits)
+  calibrated = {} if fitted is None else dict(temperature=np.float32(fitted[0]),
+                                              temperature_fitted_on=np.array(fitted[1]))
   mistakes = most_confident_mistakes(np.exp(log_softmax(logits_NC.astype(np.float64))),
                                      test.labels_N, NUM_MISTAKES)  # As `write_report` ranks them.
   saliency = {}

@@ -45,14 +45,12 @@ def log_probabilities(model: checkpoints.Restored, images_NHWC: np.ndarray
 
 def fit_temperature(model: checkpoints.Restored) -> tuple[float, str]:
   """The model's temperature, fitted on its validation split; and which split that is."""
-  split = calibration.held_out_split(model.config)
-  if split is None:
+  fitted = calibration.fit_on_validation(model.config,
+                                         lambda images: log_probabilities(model, images)[0])
+  if fitted is None:
     raise StudyError("--calibrated fits a temperature on the run's validation split, and this run "
                      "has none; train with --config.validation_fraction=0.1 to hold one out")
-  held_out = data.load_split(model.config.dataset, split, model.config.data_dir)
-  log_probs_NC, _ = log_probabilities(model, held_out.images_NHWC)
-  return (calibration.fit_temperature(log_probs_NC, held_out.labels_N),
-          f"the validation split ({split})")
+  return fitted
 
 
 # ---------------------------------------------------------------------------------------------

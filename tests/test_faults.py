@@ -30,11 +30,6 @@ def _tmpfs(path, size):
     subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-@pytest.fixture
-def two_epochs(two_epoch_run):
-  return two_epoch_run
-
-
 def _fill(disk, leave_bytes):
   """Fills `disk` but for about `leave_bytes`."""
   free = shutil.disk_usage(disk).free - leave_bytes
@@ -50,9 +45,9 @@ def _epochs(workdir):
 
 @pytest.mark.slow
 def test_a_full_disk_stops_at_the_checkpoint_and_a_resume_ends_as_if_it_never_did(
-    tmp_path, two_epochs):
+    tmp_path, two_epoch_run):
   with _tmpfs(tmp_path / "disk", "16m") as disk:
-    shutil.copytree(two_epochs, disk / "run")
+    shutil.copytree(two_epoch_run, disk / "run")
     _fill(disk, 256 * 1024)  # Room for metrics.jsonl, not for a checkpoint.
     result = run_main(SMOKE, "--config.num_epochs=3", f"--workdir={disk / 'run'}")
     assert result.returncode == 1
@@ -76,10 +71,10 @@ def test_a_full_disk_stops_at_the_checkpoint_and_a_resume_ends_as_if_it_never_di
     ((SMOKE, "--config.num_epochs=3"), "Read-only file system: {run}/train.lock"),
     (("--mode=report",), "{run} is not writable, and the report is written there"),
 ])
-def test_a_read_only_workdir_is_one_line_and_eval_still_reads_it(tmp_path, two_epochs, args,
+def test_a_read_only_workdir_is_one_line_and_eval_still_reads_it(tmp_path, two_epoch_run, args,
                                                                   message):
   with _tmpfs(tmp_path / "disk", "16m") as disk:
-    shutil.copytree(two_epochs, disk / "run")
+    shutil.copytree(two_epoch_run, disk / "run")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     result = main_in_process(*args, f"--workdir={disk / 'run'}")
     assert result.returncode == 1
