@@ -133,8 +133,10 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
 
 
 def _as_pytree(state: Any) -> dict[str, Any]:
-  """What a checkpoint holds of a `train.TrainState`: its arrays, in plain dicts and tuples."""
-  return {"params": state.params, "opt_state": state.opt_state, "step": jnp.asarray(state.step),
+  """What a checkpoint holds of a `train.TrainState`: its arrays, in plain dicts and tuples (or
+  their shapes, for a state from `steps.state_shapes`)."""
+  step = state.step if isinstance(state.step, jax.ShapeDtypeStruct) else jnp.asarray(state.step)
+  return {"params": state.params, "opt_state": state.opt_state, "step": step,
           "dropout_rng": state.dropout_rng}
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_jax import calibration, checkpoints, data, errors, steps
+from mnist_jax import calibration, checkpoints, data, errors, parallel, steps
 
 MNIST_SIZE = 28
 # Images above this are refused unread; decoded, 25 MP of RGBA take 100 MB.
@@ -47,7 +48,12 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
   """Restores the model of `workdir`: its "best" checkpoint, the "latest", or a step number."""
 
   def template(config, meta):
-    return steps.initial_state(config, dataset_info(meta), meta["steps_per_epoch"])[0]
+    # Shapes alone, laid out as the pipelines' programs take a state: whole on every device, of
+    # however many devices this machine has, whatever the training machine had.
+    shapes = steps.state_shapes(config, dataset_info(meta), meta["steps_per_epoch"])
+    replicated = parallel.replicated(parallel.create_mesh())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        shapes)
 
   return checkpoints.restore(workdir, template, checkpoint)
 

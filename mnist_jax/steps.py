@@ -283,19 +283,27 @@ def initial_state(
   `config.num_epochs`. Computed as one compiled program, with the same bits as op by op, where each
   initializer and key derivation would compile apart (27 programs for the seed MLP).
   """
-
-  @jax.jit
-  def initialize():
-    rngs = seed_rngs(config)
-    epochs = jnp.arange(config.num_epochs + 1)
-    if config.num_seeds == 1:
-      init_rng, data_rng = jax.random.split(rngs)
-      return (create_train_state(config, info, init_rng, steps_per_epoch),
-              jax.vmap(_epoch_rng, (None, 0))(data_rng, epochs))
-    init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
-    state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
-    epoch_rngs = jax.vmap(jax.vmap(_epoch_rng, (0, None)), (None, 0))(data_rngs, epochs)
-    return state.replace(step=state.step[0]), epoch_rngs  # One step count, as `seed_axes` says.
-
-  state, epoch_rngs = initialize()
+  state, epoch_rngs = jax.jit(functools.partial(_initialize, config, info, steps_per_epoch))()
   return state, np.asarray(epoch_rngs)
+
+
+def state_shapes(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, steps_per_epoch: int
+) -> TrainState:
+  """`initial_state`'s state as shapes and dtypes alone, to restore a checkpoint into: nothing is
+  computed or compiled."""
+  return jax.eval_shape(functools.partial(_initialize, config, info, steps_per_epoch))[0]
+
+
+def _initialize(config: ml_collections.ConfigDict, info: data.DatasetInfo,
+                steps_per_epoch: int) -> tuple[TrainState, jax.Array]:
+  rngs = seed_rngs(config)
+  epochs = jnp.arange(config.num_epochs + 1)
+  if config.num_seeds == 1:
+    init_rng, data_rng = jax.random.split(rngs)
+    return (create_train_state(config, info, init_rng, steps_per_epoch),
+            jax.vmap(_epoch_rng, (None, 0))(data_rng, epochs))
+  init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
+  state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
+  epoch_rngs = jax.vmap(jax.vmap(_epoch_rng, (0, None)), (None, 0))(data_rngs, epochs)
+  return state.replace(step=state.step[0]), epoch_rngs  # One step count, as `seed_axes` says.

@@ -92,6 +92,19 @@ def test_eight_devices_train_like_one(tmp_path):
   lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [468, 936]
 
+  # A run evaluates on as many devices as the machine has, whatever number trained it: the eight
+  # devices' run on this process's one, the one device's run on eight.
+  evaluated = {"run": main_in_process("--mode=eval", f"--workdir={tmp_path / 'run'}",
+                                      "--checkpoint=latest")}
+  evaluated["one_device"] = subprocess.run(
+      [sys.executable, "-m", "mnist_jax.main", "--mode=eval", "--checkpoint=latest",
+       f"--workdir={tmp_path / 'one_device'}"],
+      env={**os.environ, "XLA_FLAGS": EIGHT_DEVICES}, capture_output=True, text=True, check=False)
+  for name, result in evaluated.items():
+    assert result.returncode == 0, result.stderr
+    final = json.loads((tmp_path / name / "final_metrics.json").read_text())
+    assert f"test_accuracy {final['test_accuracy']!r}" in result.stdout, result.stdout
+
 
 @pytest.mark.slow
 def test_two_processes_on_localhost_train_like_one(tmp_path):
