@@ -61,7 +61,7 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
 def load_image(path: str) -> np.ndarray:
   """A file's pixels as grayscale float32 `[H, W]` in 0..255, upright as its EXIF orientation says.
 
-  Transparency is flattened onto white; 16-bit and float images are scaled to 0..255; sides
+  Transparency is flattened onto white (black under light ink); 16-bit and float images are scaled to 0..255; sides
   above `WORKING_SIDE` are reduced by a whole factor (the digit ends up 20x20 anyway). Images of
   more than `MAX_PIXELS` are refused before their pixels are decoded.
   """
@@ -93,10 +93,14 @@ def load_image(path: str) -> np.ndarray:
 
 def _gray(image: Image.Image, factor: int) -> Image.Image:
   """One channel, 0..255, sides divided by `factor`: "L" from 8-bit images, "F" from 16-bit and
-  float ones (as scanners write). Transparency is flattened onto white."""
+  float ones (as scanners write). Transparency is flattened onto white, or onto black where what
+  is visible is light (white ink on a transparent background): either way the ink stands out."""
   if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
     rgba = (image if image.mode == "RGBA" else image.convert("RGBA")).reduce(factor)
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("L")
+    alpha = np.asarray(rgba.getchannel("A"), np.float32)
+    light = np.sum(np.asarray(rgba.convert("L"), np.float32) * alpha) > 127.5 * np.sum(alpha)
+    background = (0, 0, 0, 255) if light else (255, 255, 255, 255)
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert("L")
   if not image.mode.startswith(("I", "F")):
     return image.convert("L").reduce(factor)
   pixels = np.array((image if image.mode == "F" else image.convert("F")).reduce(factor))

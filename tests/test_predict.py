@@ -83,6 +83,24 @@ _STORED = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flip
            5: np.transpose, 6: np.rot90, 7: lambda a: np.rot90(a, 2).T, 8: lambda a: np.rot90(a, -1)}
 
 
+def test_ink_of_either_colour_on_a_transparent_background_predicts(workdir, mnist_test, tmp_path):
+  """Dark ink, and white ink as drawn for a dark page, each with the digit in the alpha channel."""
+  count = 40
+  model = predict.load(str(workdir))
+  by_ink = {}
+  for ink in (0, 255):
+    images = []
+    for i in range(count):
+      rgba = np.zeros((28, 28, 4), np.uint8)
+      rgba[..., :3], rgba[..., 3] = ink, mnist_test.images_NHWC[i, ..., 0]
+      Image.fromarray(rgba).resize((84, 84)).save(tmp_path / f"{ink}_{i}.png")
+      images.append(predict.load_image(str(tmp_path / f"{ink}_{i}.png")))
+    by_ink[ink] = np.stack([predict.mnist_like(image) for image in images])
+    accuracy = np.mean(predict.probabilities(model, images).argmax(1) == mnist_test.labels_N[:count])
+    assert accuracy >= 0.85, (ink, accuracy)  # White ink was flattened onto white: no digit.
+  np.testing.assert_allclose(by_ink[0], by_ink[255], atol=2)
+
+
 def _save_oriented(upright_HW, orientation, path):
   exif = Image.Exif()
   exif[ExifTags.Base.Orientation] = orientation
