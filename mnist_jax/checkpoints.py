@@ -6,13 +6,14 @@ written by `ocp.CheckpointManager` (atomically: a half-written step is never lis
   state    `{"params", "opt_state", "step", "dropout_rng"}`, orbax's StandardSave
   meta     JSON: `epoch`, `steps_per_epoch`, `dataset` (what predict needs), `history`, the
            metrics record of every epoch so far (metrics.jsonl is rewritten from it on resume),
-           `sha256`, a digest of every array of `state`, and `config_sha256`, of the config item
+           `sha256`, a digest of every array of `state`, `config_sha256`, of the config item, and
+           `meta_sha256`, of the meta item's other fields
   config   JSON: the config the state was trained with
   metrics  orbax's own: `{"selection": value, <metric name>: value}`, for its retention
 
 Retention keeps the newest `config.keep_checkpoints` and the best by `metrics.selection_metric`.
 Everything read back is checked before use: meta's fields, the config (`configs.validate` and
-its digest) and every array against its digest. A checkpoint that fails is damaged: restoring falls back to the
+its digest), meta (its digest) and every array against its digest. A checkpoint that fails is damaged: restoring falls back to the
 next one with a warning; resuming also moves it to `checkpoints_unreadable/`.
 """
 
@@ -199,6 +200,8 @@ def _read_items(manager: ocp.CheckpointManager, step: int
       step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
   )
   meta = _checked_meta(saved.meta)
+  if "meta_sha256" in meta and meta["meta_sha256"] != _json_digest(_without_digest(meta)):
+    raise _Damaged("meta item differs from its saved digest")
   if not isinstance(saved.config, dict):
     raise _Damaged("config item: not a JSON object")
   if "config_sha256" in meta and meta["config_sha256"] != _json_digest(saved.config):
@@ -206,6 +209,10 @@ def _read_items(manager: ocp.CheckpointManager, step: int
   config = ml_collections.ConfigDict(saved.config)
   configs.validate(config)
   return meta, saved.config, config.lock()
+
+
+def _without_digest(meta: dict[str, Any]) -> dict[str, Any]:
+  return {key: value for key, value in meta.items() if key != "meta_sha256"}
 
 
 def _verify(arrays: Any, meta: dict[str, Any]) -> None:
@@ -461,6 +468,8 @@ class TrainingCheckpoints:
     config = rundir.config_dict(self.config)
     meta = {**self.meta, "epoch": history[-1]["epoch"], "history": history,
             "sha256": digests(_as_pytree(state)), "config_sha256": _json_digest(config)}
+    # A changed number in the history (which ranks "best") still reads as a valid meta item.
+    meta["meta_sha256"] = _json_digest(meta)
     step = int(state.step)
     try:
       self._manager.save(

@@ -263,8 +263,18 @@ def _config_with(workdir, step, **changes):
   return json.dumps({**json.loads(path.read_text()), **changes})
 
 
+def _meta_with_accuracy(workdir, step, accuracy):
+  """The meta item of a checkpoint with its last epoch's accuracy changed: still valid meta."""
+  path = workdir / "checkpoints" / str(step) / "meta" / "metadata"
+  meta = json.loads(path.read_text())
+  meta["history"][-1]["test_accuracy"] = accuracy
+  return json.dumps(meta)
+
+
 @pytest.mark.parametrize("item, text", [
     ("meta/metadata", "{}"), ("meta/metadata", '{"epoch": 2}'), ("meta/metadata", "[1]"),
+    # 0.9 -> 0.95 would rank the same checkpoint best, from a number never measured.
+    ("meta/metadata", lambda workdir: _meta_with_accuracy(workdir, 200, 0.95)),
     ("config/metadata", '{"model": "mlp"}'), ("config/metadata", "{bad"),
     # A bit flipped in a number (1.0 -> 3.0) leaves a valid config: only its digest tells.
     ("config/metadata", lambda workdir: _config_with(workdir, 200, pixel_std=3.0)),
