@@ -22,23 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_jax import data, steps
-
-
-def _log_probs(state: steps.TrainState, pixels_BHWC: jax.Array, mean: float, std: float,
-               num_seeds: int) -> jax.Array:
-  images = data.normalize(pixels_BHWC, mean, std)
-  apply = lambda params: jax.nn.log_softmax(state.apply_fn({"params": params}, images, train=False))
-  if num_seeds == 1:
-    return apply(state.params)
-  return jax.nn.logsumexp(jax.vmap(apply)(state.params), axis=0) - jnp.log(num_seeds)
+from mnist_jax import steps
 
 
 def _losses_and_gradient(state, pixels_BHWC, labels_B, mean, std, num_seeds):
   """Per-example cross-entropy, whether each is wrong, and the gradient of their sum."""
 
   def total(pixels):
-    log_probs_BC = _log_probs(state, pixels, mean, std, num_seeds)
+    log_probs_BC = steps.log_probabilities(state, pixels, mean=mean, std=std, num_seeds=num_seeds)
     losses_B = -jnp.take_along_axis(log_probs_BC, labels_B[:, None], axis=1)[:, 0]
     return losses_B.sum(), (losses_B, log_probs_BC.argmax(axis=1) != labels_B)
 
@@ -118,9 +109,10 @@ def accuracy_under_attack(
         k = min(num_examples_kept, num)
         kept_fgsm[e] = np.round(np.asarray(fgsm[:k])).astype(np.uint8)
         kept_pgd[e] = np.round(np.asarray(pgd[:k])).astype(np.uint8)
-        predict = lambda pixels: np.asarray(
-            _log_probs(state, pixels, mean, std, num_seeds).argmax(axis=1))
-        predicted_fgsm[e], predicted_pgd[e] = predict(fgsm[:k]), predict(pgd[:k])
+        predicted_fgsm[e], predicted_pgd[e] = (
+            np.asarray(steps.log_probabilities(state, pixels, mean=mean, std=std,
+                                               num_seeds=num_seeds).argmax(axis=1))
+            for pixels in (fgsm[:k], pgd[:k]))
     fgsm_acc.append((num - wrong_fgsm) / num)
     pgd_acc.append((num - wrong_pgd) / num)
     sizes.append(size)
@@ -135,7 +127,7 @@ def saliency(state: steps.TrainState, images_NHWC: jax.Array, classes_N: jax.Arr
   scaled to 0..1 per image: where a change of the pixels would change that belief most."""
 
   def log_prob(pixels):
-    log_probs_NC = _log_probs(state, pixels, mean, std, num_seeds)
+    log_probs_NC = steps.log_probabilities(state, pixels, mean=mean, std=std, num_seeds=num_seeds)
     return jnp.take_along_axis(log_probs_NC, classes_N[:, None], axis=1).sum()
 
   magnitude_NHWC = jnp.abs(jax.grad(log_prob)(images_NHWC.astype(jnp.float32)))

@@ -184,10 +184,7 @@ def probabilities(
     images_NHW = np.stack([mnist_like(image) for image in images])
   else:
     images_NHW = np.asarray(images).reshape(-1, MNIST_SIZE, MNIST_SIZE)
-  normalized = data.normalize(images_NHW[..., None].astype(np.float32),
-                              model.config.pixel_mean, model.config.pixel_std)
-  probs_NC = np.asarray(steps.ensemble_probabilities(model.state, normalized, model.config.num_seeds))
-  if temperature == 1.0:
-    return probs_NC
-  with np.errstate(divide="ignore"):  # A probability of 0 stays 0.
-    return calibration.probabilities(np.log(probs_NC), temperature)
+  log_probs_NC = steps.log_probabilities(
+      model.state, images_NHW[..., None].astype(np.float32), mean=model.config.pixel_mean,
+      std=model.config.pixel_std, num_seeds=model.config.num_seeds)
+  return calibration.probabilities(np.asarray(log_probs_NC), temperature)

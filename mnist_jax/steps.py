@@ -231,20 +231,22 @@ def _batch_logits(state: TrainState, images_BHWC: jax.Array, mean: float, std: f
   return apply(state.params) if num_seeds == 1 else jax.vmap(apply)(state.params)
 
 
-def ensemble_log_probabilities(logits_SNC: np.ndarray) -> np.ndarray:
+def ensemble_log_probabilities(logits_SNC: jax.Array) -> jax.Array:
   """Log of the mean of several models' softmax probabilities `[N, C]`, from their logits."""
-  return np.asarray(jax.nn.logsumexp(jax.nn.log_softmax(logits_SNC, axis=-1), axis=0)
-                    - np.log(len(logits_SNC)))
+  return (jax.nn.logsumexp(jax.nn.log_softmax(logits_SNC, axis=-1), axis=0)
+          - jnp.log(logits_SNC.shape[0]))
 
 
-@functools.partial(jax.jit, static_argnames="num_seeds")
-def ensemble_probabilities(state: TrainState, images_NHWC: jax.Array, num_seeds: int) -> jax.Array:
-  """Softmax of the model's logits for normalized images; of `num_seeds` models, their mean."""
-  apply = lambda params: jax.nn.softmax(
-      state.apply_fn({"params": params}, images_NHWC, train=False))
+@functools.partial(jax.jit, static_argnames=("mean", "std", "num_seeds"))
+def log_probabilities(state: TrainState, pixels_NHWC: jax.Array, *, mean: float, std: float,
+                      num_seeds: int = 1) -> jax.Array:
+  """The model's log-probabilities `[N, C]` for pixels 0..255 (float, so that they may be
+  differentiated); of `num_seeds` models, the log of the mean of their probabilities."""
+  images_NHWC = data.normalize(pixels_NHWC.astype(jnp.float32), mean, std)
+  apply = lambda params: state.apply_fn({"params": params}, images_NHWC, train=False)
   if num_seeds == 1:
-    return apply(state.params)
-  return jnp.mean(jax.vmap(apply)(state.params), axis=0)
+    return jax.nn.log_softmax(apply(state.params))
+  return ensemble_log_probabilities(jax.vmap(apply)(state.params))
 
 
 # ---------------------------------------------------------------------------------------------

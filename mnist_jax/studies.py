@@ -40,7 +40,7 @@ def log_probabilities(model: checkpoints.Restored, images_NHWC: np.ndarray
   logits = steps.logits(model.state, images_NHWC, batch_size=config.eval_batch_size,
                         mean=config.pixel_mean, std=config.pixel_std, num_seeds=config.num_seeds)
   logits_SNC = logits if config.num_seeds > 1 else logits[None]
-  return steps.ensemble_log_probabilities(logits_SNC), logits_SNC
+  return np.asarray(steps.ensemble_log_probabilities(logits_SNC)), logits_SNC
 
 
 def fit_temperature(model: checkpoints.Restored) -> tuple[float, str]:
