@@ -272,8 +272,11 @@ def seed_rngs(config: ml_collections.ConfigDict) -> jax.Array:
   return jax.vmap(jax.random.PRNGKey)(jnp.arange(config.seed, config.seed + config.num_seeds))
 
 
-def _epoch_rng(data_rng: jax.Array, epoch: int) -> jax.Array:
-  return jax.random.fold_in(data_rng, epoch)
+@jax.jit
+def _epoch_rng(data_rng: jax.Array, epoch: jax.Array) -> jax.Array:
+  """Epoch `epoch`'s key for the data order: one program for any epoch and any run length."""
+  fold = lambda rng: jax.random.fold_in(rng, epoch)
+  return fold(data_rng) if data_rng.ndim == 1 else jax.vmap(fold)(data_rng)  # One a seed.
 
 
 def initial_state(
@@ -282,11 +285,13 @@ def initial_state(
   """The state a run starts from, one model per seed, and every epoch's keys for the data order.
 
   `epoch_rngs[e]` is epoch `e`'s key (`[num_seeds, 2]` with several seeds), for `e` up to
-  `config.num_epochs`. Computed as one compiled program, with the same bits as op by op, where each
-  initializer and key derivation would compile apart (27 programs for the seed MLP).
+  `config.num_epochs`. The state is computed as one compiled program, with the same bits as op by
+  op, where each initializer and key derivation would compile apart (27 programs for the seed
+  MLP); it does not depend on `num_epochs`, so a run resumed with more epochs finds it compiled.
   """
-  state, epoch_rngs = jax.jit(functools.partial(_initialize, config, info, steps_per_epoch))()
-  return state, np.asarray(epoch_rngs)
+  state, data_rng = jax.jit(functools.partial(_initialize, config, info, steps_per_epoch))()
+  epoch_rngs = [_epoch_rng(data_rng, np.uint32(epoch)) for epoch in range(config.num_epochs + 1)]
+  return state, np.stack(jax.device_get(epoch_rngs))
 
 
 def state_shapes(
@@ -299,13 +304,11 @@ def state_shapes(
 
 def _initialize(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                 steps_per_epoch: int) -> tuple[TrainState, jax.Array]:
+  """The initial state and the key each epoch's key is folded from (one a seed)."""
   rngs = seed_rngs(config)
-  epochs = jnp.arange(config.num_epochs + 1)
   if config.num_seeds == 1:
     init_rng, data_rng = jax.random.split(rngs)
-    return (create_train_state(config, info, init_rng, steps_per_epoch),
-            jax.vmap(_epoch_rng, (None, 0))(data_rng, epochs))
+    return create_train_state(config, info, init_rng, steps_per_epoch), data_rng
   init_rngs, data_rngs = jnp.swapaxes(jax.vmap(jax.random.split)(rngs), 0, 1)
   state = jax.vmap(lambda rng: create_train_state(config, info, rng, steps_per_epoch))(init_rngs)
-  epoch_rngs = jax.vmap(jax.vmap(_epoch_rng, (0, None)), (None, 0))(data_rngs, epochs)
-  return state.replace(step=state.step[0]), epoch_rngs  # One step count, as `seed_axes` says.
+  return state.replace(step=state.step[0]), data_rngs  # One step count, as `seed_axes` says.
