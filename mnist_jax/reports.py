@@ -442,14 +442,17 @@ def write_attack_report(out_dir: str, result: attacks.Robustness, images_NHWC: n
           gallery, captions, f"Test images, then FGSM and PGD at eps {shown_eps:g}", caption_colors,
           ncols=k),
   }, out_dir)
-  rows = [[f"{e:g}", f"{size:.4f}", f"{fgsm:.2%}", f"{pgd:.2%}"] for e, size, fgsm, pgd in zip(
-      result.eps, result.step_sizes, result.fgsm_accuracy, result.pgd_accuracy)]
+  # One PGD step is FGSM's step of eps: no step size of its own.
+  rows = [[f"{e:g}", f"{size:.4f}" if result.pgd_steps > 1 else "-", f"{fgsm:.2%}", f"{pgd:.2%}"]
+          for e, size, fgsm, pgd in zip(result.eps, result.step_sizes, result.fgsm_accuracy,
+                                        result.pgd_accuracy)]
   rundir.write_text(os.path.join(out_dir, rundir.REPORT), f"""# Adversarial robustness
 
 Checkpoint {step}, the first {len(labels_N)} test images; clean accuracy {result.clean_accuracy:.2%}.
 L-infinity attacks in pixel units after dividing by 255, pixels kept in 0..255. FGSM: one step of
 eps along the sign of the loss gradient. PGD: that step, then {result.pgd_steps - 1} more of the
-given size, each projected back into the eps-ball; the worst iterate per image counts.
+given size, each projected back into the eps-ball; the worst iterate per image counts (with one
+step, PGD is FGSM).
 
 ![accuracy against eps](robustness.png)
 

@@ -86,6 +86,12 @@ def test_attack_mode_writes_its_report_and_refuses_bad_eps(workdir):
       result.stdout)
   for name in ("report.md", "robustness.png", "adversarial_examples.png"):
     assert (workdir / "attack" / name).stat().st_size > 0
+  one_step = main_in_process("--mode=attack", f"--workdir={workdir}", "--eps=0.1",
+                             "--attack_examples=100", "--pgd_steps=1")
+  assert one_step.returncode == 0, one_step.stderr
+  saved = json.loads((workdir / "attack" / "results.json").read_text())
+  assert saved["pgd_accuracy"] == saved["fgsm_accuracy"]  # One PGD step is FGSM.
+  assert "| 0.1 | - |" in (workdir / "attack" / "report.md").read_text()  # No step size.
   for eps, message in [("x", "--eps must be numbers"), ("0,2", "--eps must be in [0, 1]")]:
     result = main_in_process("--mode=attack", f"--workdir={workdir}", f"--eps={eps}")
     assert result.returncode == 1 and result.stderr.startswith(f"mnist_jax: {message}")
