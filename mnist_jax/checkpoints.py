@@ -12,9 +12,10 @@ written by `ocp.CheckpointManager` (atomically: a half-written step is never lis
   metrics  orbax's own: `{"selection": value, <metric name>: value}`, for its retention
 
 Retention keeps the newest `config.keep_checkpoints` and the best by `metrics.selection_metric`.
-Everything read back is checked before use: meta's fields, the config (`configs.validate` and
-its digest), meta (its digest) and every array against its digest. A checkpoint that fails is damaged: restoring falls back to the
-next one with a warning; resuming also moves it to `checkpoints_unreadable/`.
+Everything read back is checked before use: meta (its fields and its digest), the config
+(`configs.validate` and its digest) and every array against its digest. A checkpoint that fails is
+damaged: restoring falls back to the next one with a warning; resuming also moves it to
+`checkpoints_unreadable/`.
 """
 
 from __future__ import annotations

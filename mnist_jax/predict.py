@@ -61,9 +61,9 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
 def load_image(path: str) -> np.ndarray:
   """A file's pixels as grayscale float32 `[H, W]` in 0..255, upright as its EXIF orientation says.
 
-  Transparency is flattened onto white (black under light ink); 16-bit and float images are scaled to 0..255; sides
-  above `WORKING_SIDE` are reduced by a whole factor (the digit ends up 20x20 anyway). Images of
-  more than `MAX_PIXELS` are refused before their pixels are decoded.
+  Transparency is flattened onto white (onto black under light ink); 16-bit and float images are
+  scaled to 0..255; sides above `WORKING_SIDE` are reduced by a whole factor (the digit ends up
+  20x20 anyway). Images of more than `MAX_PIXELS` are refused before their pixels are decoded.
   """
   try:
     with warnings.catch_warnings():  # Pillow warns from 89 MP on; the limit below is lower.
