@@ -3,6 +3,7 @@
 import functools
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from conftest import load_config, main_in_process, run_main, train_and_report
+from conftest import REPO, load_config, main_in_process, train_and_report
 from mnist_jax import (calibration, data, explore, metrics, pipelines, plots, progress, reports, rundir, steps,
                        summaries)
 from test_data import TEST_COUNTS, TRAIN_COUNTS
@@ -177,7 +178,8 @@ def test_a_failing_plot_warns_and_keeps_the_metrics(tmp_path, monkeypatch, capsy
 
 
 def test_explore_mode_prints_shapes_and_the_known_class_counts(tmp_path):
-  result = run_main("--mode=explore", "--config=experiments/seed_mlp.py", f"--workdir={tmp_path}")
+  config_file = os.path.join(REPO, "experiments", "seed_mlp.py")
+  result = main_in_process("--mode=explore", f"--config={config_file}", f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr
   assert "train  images (60000, 28, 28, 1) uint8  labels (60000,) int32" in result.stdout
   assert "test   images (10000, 28, 28, 1) uint8  labels (10000,) int32" in result.stdout

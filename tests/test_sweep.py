@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import REPO, load_config, main_in_process, run_main
+from conftest import REPO, load_config, main_in_process
 from mnist_jax import data, reports, sweep, train
 
 SMOKE = os.path.join(REPO, "experiments", "lr_batch_sweep.py")
@@ -141,8 +141,11 @@ def test_a_bad_sweep_is_one_clear_line_before_anything_trains(tmp_path, point, m
   assert not (tmp_path / "run" / "learning_rate=0.1").exists()
 
 
-def test_a_config_file_without_get_sweep_is_refused():
-  result = run_main("--mode=sweep", "--config=experiments/seed_mlp.py", "--workdir=unused")
+def test_a_config_file_without_get_sweep_is_refused(tmp_path):
+  config_file = os.path.join(REPO, "experiments", "seed_mlp.py")
+  result = main_in_process("--mode=sweep", f"--config={config_file}",
+                           f"--workdir={tmp_path / 'unused'}")
   assert result.returncode != 0
   assert result.stderr.strip() == (
-      "mnist_jax: experiments/seed_mlp.py defines no get_sweep(arg=None), which --mode=sweep needs")
+      f"mnist_jax: {config_file} defines no get_sweep(arg=None), which --mode=sweep needs")
+  assert not (tmp_path / "unused").exists()
