@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -385,7 +386,7 @@ def _whole_split_labels(name: str, split: str, data_dir: str | None) -> np.ndarr
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
   """Loads a whole tfds split into memory as uint8 images and int32 labels."""
   builder = _builder(name, data_dir)
-  with _read_errors(name, builder):
+  with _native_stderr_held(), _read_errors(name, builder):
     arrays = _tfds().as_numpy(
         builder.as_dataset(split=split, batch_size=-1, as_supervised=True, shuffle_files=False)
     )
@@ -535,6 +536,36 @@ def stream_batches(
   ds = ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   with _read_errors(name, builder):
     yield from tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[None]:
+  """What is written to the process's stderr meanwhile is held back and written after it, unless
+  a `DataError` ends it: TensorFlow's C++ code logs a corrupted record in lines of its own
+  (`W0000 ... corrupted record at N`), past `TF_CPP_MIN_LOG_LEVEL`, before the error that
+  `_read_errors` turns into one line."""
+  sys.stderr.flush()
+  try:
+    saved = os.dup(2)
+  except OSError:  # No stderr to hold back.
+    yield
+    return
+  failed = False
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except DataError:
+      failed = True
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+        sys.stderr.flush()
 
 
 @contextlib.contextmanager
