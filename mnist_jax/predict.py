@@ -5,11 +5,13 @@
 
 MNIST digits are white on black, scaled to fit a 20x20 box (keeping their aspect ratio) and
 placed in 28x28 with their centre of mass at the centre. `mnist_like` does the same to a photo or
-drawing of one digit on a plain background, inverting it first when the background is light.
+drawing of one digit on a plain background, inverting it first when the background is light; for
+a model of Fashion-MNIST, as that dataset frames its photos (`FRAMINGS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -27,6 +29,21 @@ WORKING_SIDE = 2048
 # A smaller side cannot hold a legible digit.
 MIN_SIDE = 8
 DIGIT_BOX = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Framing:
+  """How a dataset places an object in its 28x28 images: scaled to fit a `box`x`box` square, then
+  its centre of mass (`by_mass`) or the centre of that box put at the image's centre."""
+
+  box: int
+  by_mass: bool
+
+
+# As the datasets' authors describe their preparation: MNIST (LeCun et al.) by mass in 20x20,
+# Fashion-MNIST (Xiao et al., 2017) the longest side to 28 pixels, centred.
+FRAMINGS = {"mnist": Framing(DIGIT_BOX, by_mass=True),
+            "fashion_mnist": Framing(MNIST_SIZE, by_mass=False)}
 # Pixels brighter than this fraction of the strongest stroke bound the digit (ignores faint noise).
 _INK_THRESHOLD = 0.2
 # An image whose strokes differ from the background by fewer grey levels holds no digit.
@@ -124,13 +141,22 @@ def _to_gray(image: np.ndarray) -> np.ndarray:
   return image
 
 
-def mnist_like(image: np.ndarray) -> np.ndarray:
-  """One digit image of any size (`[H, W]` or `[H, W, C]`, 0..255) as MNIST draws it: uint8 [28, 28].
+def mnist_like(image: np.ndarray, dataset: str = "mnist") -> np.ndarray:
+  """One digit (or object) image of any size (`[H, W]` or `[H, W, C]`, 0..255) as `dataset` draws
+  its images: uint8 [28, 28].
 
   The background is the median of the border pixels; a light one is inverted to black. The ink
-  above it is stretched to 0..255, cropped to the digit, resized to fit 20x20 and pasted with its
-  centre of mass at the centre of 28x28.
+  above it is stretched to 0..255, cropped to the digit, resized to fit the dataset's box (20x20
+  for MNIST) and pasted with its centre of mass (MNIST) or its centre (Fashion-MNIST) at the
+  centre of 28x28.
+
+  Raises:
+    ImageError: no digit in the image, or a dataset whose framing is not in `FRAMINGS`.
   """
+  if dataset not in FRAMINGS:
+    raise ImageError(f"images are framed as {' or '.join(FRAMINGS)} frame theirs, and this model "
+                     f"is of {dataset!r}; give images already framed as its own (preprocess=False)")
+  framing = FRAMINGS[dataset]
   gray_HW = _to_gray(image)
   border = np.concatenate([gray_HW[0], gray_HW[-1], gray_HW[:, 0], gray_HW[:, -1]])
   background = float(np.median(border))
@@ -143,14 +169,16 @@ def mnist_like(image: np.ndarray) -> np.ndarray:
   rows = np.flatnonzero((ink_HW > _INK_THRESHOLD * 255).any(axis=1))
   cols = np.flatnonzero((ink_HW > _INK_THRESHOLD * 255).any(axis=0))
   crop = ink_HW[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-  scale = DIGIT_BOX / max(crop.shape)
+  scale = framing.box / max(crop.shape)
   height, width = (max(1, round(side * scale)) for side in crop.shape)
   digit = np.asarray(
       Image.fromarray(crop.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
   ).clip(0.0, 255.0)
-  total = digit.sum() or 1.0
-  centre_y = (digit.sum(axis=1) * np.arange(height)).sum() / total
-  centre_x = (digit.sum(axis=0) * np.arange(width)).sum() / total
+  centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
+  if framing.by_mass:
+    total = digit.sum() or 1.0
+    centre_y = (digit.sum(axis=1) * np.arange(height)).sum() / total
+    centre_x = (digit.sum(axis=0) * np.arange(width)).sum() / total
   middle = (MNIST_SIZE - 1) / 2
   top = min(max(round(middle - centre_y), 0), MNIST_SIZE - height)
   left = min(max(round(middle - centre_x), 0), MNIST_SIZE - width)
@@ -169,8 +197,8 @@ def probabilities(
   Args:
     model: from `load(workdir)`.
     images: N arrays of pixels 0..255, `[H, W]` or `[H, W, 1|3|4]`, any size, or one stacked array.
-    preprocess: make each image MNIST-like first (`mnist_like`). Pass False for images that
-      already are, e.g. the dataset's own uint8 `[N, 28, 28, 1]`.
+    preprocess: frame each image as the model's dataset does first (`mnist_like`). Pass False
+      for images that already are, e.g. the dataset's own uint8 `[N, 28, 28, 1]`.
     temperature: divides the (ensemble's log-) probabilities before the softmax; from
       `studies.fit_temperature`, for calibrated confidence (calibration.py).
 
@@ -181,7 +209,7 @@ def probabilities(
   if info.image_shape != (MNIST_SIZE, MNIST_SIZE, 1):
     raise ImageError(f"predicting needs a 28x28 grayscale model; this one takes {info.image_shape}")
   if preprocess:
-    images_NHW = np.stack([mnist_like(image) for image in images])
+    images_NHW = np.stack([mnist_like(image, info.name) for image in images])
   else:
     images_NHW = np.asarray(images).reshape(-1, MNIST_SIZE, MNIST_SIZE)
   log_probs_NC = steps.log_probabilities(

@@ -64,16 +64,18 @@ def _class_of(folder: str, class_names: tuple[str, ...]) -> int | None:
   return None
 
 
-def load_folder(directory: str, class_names: tuple[str, ...]
+def load_folder(directory: str, info: data.DatasetInfo
                 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-  """The MNIST-like images `[N, 28, 28]`, labels and paths of a labelled folder, and what was
-  skipped. A file that cannot be used, a subfolder named by no class and an empty one are each a
-  warning line and an entry of the skipped list (`<path>: <why>`)."""
+  """The images `[N, 28, 28]` of a labelled folder, framed as `info`'s dataset frames its own
+  (`predict.mnist_like`), their labels and paths, and what was skipped. A file that cannot be
+  used, a subfolder named by no class and an empty one are each a warning line and an entry of
+  the skipped list (`<path>: <why>`)."""
   if not os.path.isdir(directory):
     raise StudyError(f"{directory} is not a directory; --images_dir takes a folder with one "
                      f"subfolder per class")
   subfolders = sorted(name for name in os.listdir(directory)
                       if os.path.isdir(os.path.join(directory, name)) and not name.startswith("."))
+  class_names = info.class_names
   classes = {name: _class_of(name, class_names) for name in subfolders}
   if not any(index is not None for index in classes.values()):
     raise StudyError(f"{directory} has no subfolder named by a class of this model; expected "
@@ -97,7 +99,7 @@ def load_folder(directory: str, class_names: tuple[str, ...]
         skip(path, "not a regular file; skipped")
         continue
       try:
-        images.append(predict.mnist_like(predict.load_image(path)))
+        images.append(predict.mnist_like(predict.load_image(path), info.name))
       except predict.ImageError as e:
         skip(path, f"{e}; skipped")
         continue
@@ -131,7 +133,7 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
     raise StudyError(f"folder evaluation needs a 28x28 grayscale model; this one takes "
                      f"{info.image_shape}")
   start = time.perf_counter()
-  images_NHW, labels_N, paths, skipped = load_folder(directory, info.class_names)
+  images_NHW, labels_N, paths, skipped = load_folder(directory, info)
   loaded = time.perf_counter()
   log_probs_NC, logits_SNC = log_probabilities(model, images_NHW[..., None])
   predicted = time.perf_counter()

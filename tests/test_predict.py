@@ -54,6 +54,20 @@ def test_mnist_like_fits_the_digit_in_20x20_centred_by_mass(mnist_test, tmp_path
   np.testing.assert_allclose(centre, (13.5, 13.5), atol=0.75)
 
 
+def test_a_fashion_photo_is_framed_as_fashion_mnist_frames_its_own():
+  """The longest side to 28 pixels and the box centred, where a digit goes to 20 by its mass."""
+  photo = np.full((90, 60), 250.0)  # A light background; a grey object 60 high, 30 wide, and a
+  photo[10:70, 10:40] = 150.0  # black band at its top that moves its centre of mass up.
+  photo[10:20, 10:40] = 0.0
+  rows_and_cols = lambda image: (np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0)))
+  rows, cols = rows_and_cols(predict.mnist_like(photo, "fashion_mnist"))
+  assert (rows[0], rows[-1]) == (0, 27) and (cols[0], cols[-1]) == (7, 20)
+  rows, cols = rows_and_cols(predict.mnist_like(photo, "mnist"))
+  assert rows[-1] - rows[0] + 1 == 20 and rows[0] > 4  # Moved down: its mass sits high.
+  with pytest.raises(predict.ImageError, match="this model is of 'emnist'"):
+    predict.mnist_like(photo, "emnist")
+
+
 def test_predicts_rendered_test_digits_like_the_originals(workdir, mnist_test, tmp_path):
   count = 60
   images = [predict.load_image(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png"))
