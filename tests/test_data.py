@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_jax import data
+from mnist_jax import data, sources
 
 # From the MNIST README that ships with the files.
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -106,11 +106,11 @@ def test_two_runs_preparing_a_fresh_data_dir_at_once_both_load_mnist(tmp_path):
 def test_checksum_mismatch_names_the_file(tmp_path, monkeypatch):
   bundled = tmp_path / "mnist"
   bundled.mkdir()
-  for item in data.BUNDLED_MNIST.iterdir():
+  for item in sources.BUNDLED_MNIST.iterdir():
     (bundled / item.name).write_bytes(item.read_bytes())
   sums = (bundled / "SHA256SUMS").read_text().replace("0fa7898d", "0fa7898e")
   (bundled / "SHA256SUMS").write_text(sums)
-  monkeypatch.setattr(data, "BUNDLED_MNIST", bundled)
+  monkeypatch.setattr(sources, "BUNDLED_MNIST", bundled)
   with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz fails its SHA-256"):
     data.load_bundled_mnist("test")
 
@@ -174,12 +174,12 @@ _TEST_RECORDS = "mnist-test.tfrecord-00000-of-00001"
 ])
 def test_damaged_prepared_mnist_is_prepared_again(tmp_path, monkeypatch, capsys, mnist_test,
                                                   damage, reason):
-  prepared = data._builder("mnist", None).data_dir  # The suite's, whole.
+  prepared = sources.prepared_builder("mnist", None).data_dir  # The suite's, whole.
   version_dir = tmp_path / "mnist" / os.path.basename(prepared)
   shutil.copytree(prepared, version_dir)
   damage(version_dir)
   # Preparing is tested where the suite first loads MNIST; here a copy of its result stands in.
-  monkeypatch.setattr(data, "_prepare_bundled_mnist",
+  monkeypatch.setattr(sources, "_prepare_bundled_mnist",
                       lambda data_dir: shutil.copytree(prepared, version_dir))
   split = data.load_tfds("mnist", "test", str(tmp_path))
   np.testing.assert_array_equal(split.labels_N, mnist_test.labels_N)
@@ -190,11 +190,11 @@ def test_damaged_prepared_mnist_is_prepared_again(tmp_path, monkeypatch, capsys,
 
 def test_a_corrupted_record_is_found_by_its_digest_or_named_when_read(tmp_path, monkeypatch,
                                                                       capfd, mnist_test):
-  prepared = data._builder("mnist", None).data_dir
+  prepared = sources.prepared_builder("mnist", None).data_dir
   version_dir = tmp_path / "mnist" / os.path.basename(prepared)
   shutil.copytree(prepared, version_dir)
   _flip_middle_byte(version_dir / _TEST_RECORDS)
-  monkeypatch.setattr(data, "_prepare_bundled_mnist",
+  monkeypatch.setattr(sources, "_prepare_bundled_mnist",
                       lambda data_dir: shutil.copytree(prepared, version_dir))
   # The digests written when the package prepared MNIST find it before TensorFlow reads it.
   split = data.load_tfds("mnist", "test", str(tmp_path))
@@ -204,7 +204,7 @@ def test_a_corrupted_record_is_found_by_its_digest_or_named_when_read(tmp_path, 
   # Without them (a dataset tfds prepared itself), reading it names the directory, in one line:
   # TensorFlow's C++ log lines about the record are held back.
   _flip_middle_byte(version_dir / _TEST_RECORDS)
-  os.remove(version_dir / data.PREPARED_DIGESTS)
+  os.remove(version_dir / sources.PREPARED_DIGESTS)
   with pytest.raises(data.DataError, match=rf"'mnist' in {version_dir} is damaged \(corrupted record "
                                            rf"at \d+\); delete that directory"):
     data.load_tfds("mnist", "test", str(tmp_path))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, main_in_process, train_and_report
-from mnist_jax import data
+from mnist_jax import sources
 
 
 NUM_EXAMPLES = 512
@@ -18,11 +18,11 @@ def mock_fashion_mnist(tmp_path, monkeypatch):
   """tfds' random examples for fashion_mnist, with split sizes written as real metadata.
 
   Without metadata, mock_data knows no split sizes, and `batch_size=-1` loads then fail. Its
-  examples come from no files, which `data` would otherwise take for a damaged dataset.
+  examples come from no files, which `sources` would otherwise take for a damaged dataset.
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  monkeypatch.setattr(data, "_damaged_files", lambda builder: None)
+  monkeypatch.setattr(sources, "_damaged_files", lambda builder: None)
   metadata_dir = tmp_path / "tfds_metadata"
   builder = tfds.builder("fashion_mnist", data_dir=str(metadata_dir))
   builder.info.set_splits(tfds.core.SplitDict([
