@@ -122,7 +122,7 @@ def _whole_split_labels(name: str, split: str, data_dir: str | None) -> np.ndarr
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
   """Loads a whole tfds split into memory as uint8 images and int32 labels."""
   builder = sources.prepared_builder(name, data_dir)
-  with sources.native_stderr_held(), sources.read_errors(name, builder):
+  with sources.read_errors(name, builder):
     arrays = sources.import_tfds().as_numpy(
         builder.as_dataset(split=split, batch_size=-1, as_supervised=True, shuffle_files=False)
     )

@@ -4,10 +4,9 @@
 `lax.scan` (steps.py); `StreamPipeline` holds them in host memory and hands the device chunks of
 whole batches, one compiled scan over each, for data that does not fit on the device. Both
 visit the examples in the same order and train the same model. Both shard batches along the
-mesh's `data` axis
-over all devices of all processes, the state as `parallel.state_sharding` says (replicated). With
-`config.num_seeds` above 1 the state holds one model per seed and the device pipeline's programs
-are `vmap`ped over them, the data shared.
+mesh's `data` axis over all devices of all processes, the state as `parallel.state_sharding` says
+(replicated). With `config.num_seeds` above 1 the state holds one model per seed and the device
+pipeline's programs are `vmap`ped over them, the data shared.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def reliability_diagram(edges_B1: np.ndarray, accuracy_B: np.ndarray, confidence
   ax.set_ylabel("accuracy")
   ax.set_ylim(0, 1)
   ax.legend(loc="upper left")
-  count_ax.bar(centres, np.maximum(counts_B, 0), width, color="0.6", edgecolor="white", log=True)
+  count_ax.bar(centres, counts_B, width, color="0.6", edgecolor="white", log=True)
   count_ax.set_xlabel("confidence (top class probability)")
   count_ax.set_ylabel("examples")
   count_ax.set_xlim(0, 1)

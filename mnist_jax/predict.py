@@ -44,6 +44,7 @@ class Framing:
 # Fashion-MNIST (Xiao et al., 2017) the longest side to 28 pixels, centred.
 FRAMINGS = {"mnist": Framing(DIGIT_BOX, by_mass=True),
             "fashion_mnist": Framing(MNIST_SIZE, by_mass=False)}
+
 # Pixels brighter than this fraction of the strongest stroke bound the digit (ignores faint noise).
 _INK_THRESHOLD = 0.2
 # An image whose strokes differ from the background by fewer grey levels holds no digit.

@@ -42,8 +42,8 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
   fitted = calibration.fit_on_validation(config, model_logits)
   calibrated = {} if fitted is None else dict(temperature=np.float32(fitted[0]),
                                               temperature_fitted_on=np.array(fitted[1]))
-  mistakes = most_confident_mistakes(np.exp(log_softmax(logits_NC.astype(np.float64))),
-                                     test.labels_N, NUM_MISTAKES)  # As `write_report` ranks them.
+  mistakes = most_confident_mistakes(np.exp(log_softmax(logits_NC)), test.labels_N,
+                                     NUM_MISTAKES)  # As `write_report` ranks them.
   saliency = {}
   if len(mistakes):
     saliency_KHWC = attacks.saliency(state, test.images_NHWC[mistakes],
@@ -59,6 +59,8 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
 
 
 def log_softmax(logits_NC: np.ndarray) -> np.ndarray:
+  """In float64, as the report scores predictions and ranks its mistakes."""
+  logits_NC = logits_NC.astype(np.float64)
   shifted_NC = logits_NC - logits_NC.max(axis=1, keepdims=True)
   return shifted_NC - np.log(np.exp(shifted_NC).sum(axis=1, keepdims=True))
 
@@ -263,7 +265,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
   if not np.array_equal(test.labels_N, labels_N):
     raise ReportError(f"the test labels of {config['dataset']} differ from those in "
                       f"{rundir.PREDICTIONS}; the dataset changed since training")
-  log_probs_NC = log_softmax(logits_NC.astype(np.float64))
+  log_probs_NC = log_softmax(logits_NC)
   probs_NC = np.exp(log_probs_NC)
   predicted_N = logits_NC.argmax(axis=1)
   test_loss = -float(np.mean(log_probs_NC[np.arange(len(labels_N)), labels_N]))

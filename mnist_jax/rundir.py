@@ -180,10 +180,10 @@ def read_predictions(workdir: str) -> dict[str, np.ndarray]:
   if not (shapes_fit and types_fit and ((labels_N >= 0) & (labels_N < num_classes)).all()):
     raise RunFileError(f"{path} is damaged (logits {logits_NC.shape}, labels {labels_N.shape}, "
                        f"{num_classes} class names)")
-  saliency_fits = ("saliency_KHW" not in extras) == ("saliency_index_K" not in extras) and (
-      "saliency_KHW" not in extras
-      or (extras["saliency_KHW"].ndim == 3 and len(extras["saliency_KHW"]) == len(
-          extras["saliency_index_K"]) and np.all(extras["saliency_index_K"] < len(labels_N))))
+  saliency_KHW, shown_K = extras.get("saliency_KHW"), extras.get("saliency_index_K")
+  saliency_fits = (saliency_KHW is None and shown_K is None) or (
+      saliency_KHW is not None and shown_K is not None and saliency_KHW.ndim == 3
+      and len(saliency_KHW) == len(shown_K) and np.all(shown_K < len(labels_N)))
   temperature = extras.get("temperature", np.float32(1.0))
   if not (saliency_fits and temperature.ndim == 0 and np.isfinite(temperature) and temperature > 0):
     raise RunFileError(f"{path} is damaged (its temperature or saliency maps)")

@@ -297,11 +297,26 @@ def _prepared_mnist(data_dir: str | None):
 
 
 @contextlib.contextmanager
-def native_stderr_held() -> Iterator[None]:
-  """What is written to the process's stderr meanwhile is held back and written after it, unless
-  a `DataError` ends it: TensorFlow's C++ code logs a corrupted record in lines of its own
-  (`W0000 ... corrupted record at N`), past `TF_CPP_MIN_LOG_LEVEL`, before the error that
-  `read_errors` turns into one line."""
+def read_errors(name: str, builder) -> Iterator[None]:
+  """TensorFlow's errors for files that cannot be read (gone, corrupted) as one `DataError`.
+
+  TensorFlow's C++ code also logs such a record in lines of its own (`W0000 ... corrupted record
+  at N`), past `TF_CPP_MIN_LOG_LEVEL`: what is written to the process's stderr meanwhile is held
+  back, dropped with the error and written after the read otherwise.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  with _stderr_held_unless_data_error():
+    try:
+      yield
+    except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
+      # "{{function_node ...}} corrupted record at 9915852 [Op:...]" -> "corrupted record at 9915852"
+      reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message).strip()
+      raise _damaged(name, builder.data_dir, reason) from None
+
+
+@contextlib.contextmanager
+def _stderr_held_unless_data_error() -> Iterator[None]:
   sys.stderr.flush()
   try:
     saved = os.dup(2)
@@ -324,16 +339,3 @@ def native_stderr_held() -> Iterator[None]:
         held.seek(0)
         sys.stderr.write(held.read().decode(errors="replace"))
         sys.stderr.flush()
-
-
-@contextlib.contextmanager
-def read_errors(name: str, builder) -> Iterator[None]:
-  """TensorFlow's errors for files that cannot be read (gone, corrupted) as `DataError`."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-  try:
-    yield
-  except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
-    # "{{function_node ...}} corrupted record at 9915852 [Op:...]" -> "corrupted record at 9915852"
-    reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message).strip()
-    raise _damaged(name, builder.data_dir, reason) from None

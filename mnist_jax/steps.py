@@ -242,11 +242,8 @@ def log_probabilities(state: TrainState, pixels_NHWC: jax.Array, *, mean: float,
                       num_seeds: int = 1) -> jax.Array:
   """The model's log-probabilities `[N, C]` for pixels 0..255 (float, so that they may be
   differentiated); of `num_seeds` models, the log of the mean of their probabilities."""
-  images_NHWC = data.normalize(pixels_NHWC.astype(jnp.float32), mean, std)
-  apply = lambda params: state.apply_fn({"params": params}, images_NHWC, train=False)
-  if num_seeds == 1:
-    return jax.nn.log_softmax(apply(state.params))
-  return ensemble_log_probabilities(jax.vmap(apply)(state.params))
+  logits = _batch_logits(state, pixels_NHWC, mean, std, num_seeds)
+  return jax.nn.log_softmax(logits) if num_seeds == 1 else ensemble_log_probabilities(logits)
 
 
 # ---------------------------------------------------------------------------------------------
