@@ -183,7 +183,7 @@ def read_predictions(workdir: str) -> dict[str, np.ndarray]:
   saliency_KHW, shown_K = extras.get("saliency_KHW"), extras.get("saliency_index_K")
   saliency_fits = (saliency_KHW is None and shown_K is None) or (
       saliency_KHW is not None and shown_K is not None and saliency_KHW.ndim == 3
-      and len(saliency_KHW) == len(shown_K) and np.all(shown_K < len(labels_N)))
+      and len(saliency_KHW) == len(shown_K) and np.all((shown_K >= 0) & (shown_K < len(labels_N))))
   temperature = extras.get("temperature", np.float32(1.0))
   if not (saliency_fits and temperature.ndim == 0 and np.isfinite(temperature) and temperature > 0):
     raise RunFileError(f"{path} is damaged (its temperature or saliency maps)")

@@ -141,6 +141,21 @@ def test_a_validation_split_shows_wherever_the_test_split_does(tmp_path):
   assert f"| temperature scaled, T = {temperature:.3f} |" in report
 
 
+@pytest.mark.parametrize("extras", [
+    # A negative index would show the last test image, silently.
+    dict(saliency_KHW=np.zeros((1, 28, 28)), saliency_index_K=np.array([-1])),
+    dict(saliency_KHW=np.zeros((1, 28, 28)), saliency_index_K=np.array([3])),
+    dict(saliency_KHW=np.zeros((2, 28, 28)), saliency_index_K=np.array([0])),
+    dict(saliency_KHW=np.zeros((1, 28, 28))),
+    dict(temperature=np.float32(0.0)), dict(temperature=np.float32(np.nan)),
+])
+def test_damaged_temperature_or_saliency_maps_in_predictions_are_refused(tmp_path, extras):
+  rundir.write_predictions(str(tmp_path), np.zeros((3, 10), np.float32), np.array([0, 1, 2]),
+                           [str(d) for d in range(10)], **extras)
+  with pytest.raises(rundir.RunFileError, match="is damaged .its temperature or saliency maps"):
+    rundir.read_predictions(str(tmp_path))
+
+
 def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
   workdir, _ = trained
   copy = tmp_path / "copy"
