@@ -188,6 +188,12 @@ def mnist_like(image: np.ndarray, dataset: str = "mnist") -> np.ndarray:
   return np.round(canvas).astype(np.uint8)
 
 
+def check_takes_28x28_grayscale(info: data.DatasetInfo, use: str) -> None:
+  """`ImageError` unless the model's dataset is of 28x28 grayscale images, as `use` needs."""
+  if info.image_shape != (MNIST_SIZE, MNIST_SIZE, 1):
+    raise ImageError(f"{use} needs a 28x28 grayscale model; this one takes {info.image_shape}")
+
+
 def probabilities(
     model: checkpoints.Restored, images: Sequence[np.ndarray] | np.ndarray, *, preprocess: bool = True,
     temperature: float = 1.0,
@@ -207,8 +213,7 @@ def probabilities(
     ImageError: an image with no digit, or of an unusable shape.
   """
   info = dataset_info(model.meta)
-  if info.image_shape != (MNIST_SIZE, MNIST_SIZE, 1):
-    raise ImageError(f"predicting needs a 28x28 grayscale model; this one takes {info.image_shape}")
+  check_takes_28x28_grayscale(info, "predicting")
   if preprocess:
     images_NHW = np.stack([mnist_like(image, info.name) for image in images])
   else:

@@ -129,9 +129,7 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
   from mnist_jax import reports  # pylint: disable=import-outside-toplevel  # Loads matplotlib.
 
   info = predict.dataset_info(model.meta)
-  if info.image_shape != (predict.MNIST_SIZE, predict.MNIST_SIZE, 1):
-    raise StudyError(f"folder evaluation needs a 28x28 grayscale model; this one takes "
-                     f"{info.image_shape}")
+  predict.check_takes_28x28_grayscale(info, "folder evaluation")
   start = time.perf_counter()
   images_NHW, labels_N, paths, skipped = load_folder(directory, info)
   loaded = time.perf_counter()

@@ -14,7 +14,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from conftest import REPO, load_config, main_in_process, run_main, train_and_report
-from mnist_jax import predict
+from mnist_jax import data, predict
 
 
 @pytest.fixture
@@ -66,6 +66,15 @@ def test_a_fashion_photo_is_framed_as_fashion_mnist_frames_its_own():
   assert rows[-1] - rows[0] + 1 == 20 and rows[0] > 4  # Moved down: its mass sits high.
   with pytest.raises(predict.ImageError, match="this model is of 'emnist'"):
     predict.mnist_like(photo, "emnist")
+
+
+def test_a_model_of_other_images_than_28x28_grayscale_is_refused_photos():
+  info = data.DatasetInfo("cifar10", (32, 32, 3), 10, tuple("abcdefghij"))
+  with pytest.raises(predict.ImageError, match=r"folder evaluation needs a 28x28 grayscale model; "
+                                               r"this one takes \(32, 32, 3\)"):
+    predict.check_takes_28x28_grayscale(info, "folder evaluation")
+  predict.check_takes_28x28_grayscale(data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789")),
+                                      "predicting")
 
 
 def test_predicts_rendered_test_digits_like_the_originals(workdir, mnist_test, tmp_path):
