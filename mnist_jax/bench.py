@@ -56,13 +56,10 @@ def _arrays():
 
 
 def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from mnist_jax import pipelines, rundir, train  # pylint: disable=import-outside-toplevel
+  from mnist_jax import parallel, pipelines, rundir, train  # pylint: disable=import-outside-toplevel
 
   if _CACHE_DIR.value:  # As main.py's --jax_cache_dir.
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    parallel.use_compilation_cache(_CACHE_DIR.value)
   config.input_pipeline = pipeline
   with tempfile.TemporaryDirectory() as workdir:
     _, final = train.train_and_evaluate(config, workdir)

@@ -33,7 +33,6 @@ if __name__ == "__main__":
   # Training stops at the end of an epoch instead (checkpoints.py), and restores this after.
   signal.signal(signal.SIGINT, _interrupted)
 
-import jax  # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
@@ -45,7 +44,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
 _JAX_CACHE_DIR = flags.DEFINE_string(
-    "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "mnist_jax", "jax"),
+    "jax_cache_dir", parallel.COMPILATION_CACHE,
     "Persistent compilation cache, so a second run skips compiling; empty to turn it off.",
 )
 _MODE = flags.DEFINE_enum(
@@ -249,9 +248,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.ERROR)
   parallel.set_xla_flags()
   if _JAX_CACHE_DIR.value:
-    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
-    # Our programs compile in under a second, below JAX's default threshold for caching.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    parallel.use_compilation_cache(_JAX_CACHE_DIR.value)
   if _MODE.value in ("train", "explore", "sweep") and _CONFIG.value is None:
     sys.exit("mnist_jax: --config is required, e.g. --config=experiments/seed_mlp.py")
   if not _WORKDIR.value:

@@ -90,6 +90,17 @@ DEFAULT_XLA_FLAGS = {
 }
 
 
+COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "mnist_jax", "jax")
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Keeps every compiled program in `directory`: a later process that compiles the same program
+  (same JAX, flags and devices) loads it instead, the same bits."""
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Our programs compile in under a second, below JAX's default threshold for caching.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def set_xla_flags() -> None:
   """Adds `DEFAULT_XLA_FLAGS` to `XLA_FLAGS`, except those the user set there already.
 

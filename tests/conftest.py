@@ -9,7 +9,6 @@ import sys
 import tempfile
 from unittest import mock
 
-import jax
 import ml_collections
 import pytest
 
@@ -26,10 +25,10 @@ def pytest_configure(config):
   """
   del config
   os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
-  # Many tests compile the same programs (the smoke config's epoch and evaluation): JAX's
-  # persistent cache, fresh for each session, compiles each once. Executables are the same bits.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["TFDS_DATA_DIR"], "jax"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  # The compilation cache of `python -m mnist_jax.main`, which the runs that tests start use too:
+  # a program compiled before, by this session or an earlier one, loads instead of compiling
+  # (the same bits). Compiling is most of the suite's time where nothing is cached.
+  parallel.use_compilation_cache(parallel.COMPILATION_CACHE)
   parallel.set_xla_flags()  # As `main.py` does.
   # On a GPU, the runs that tests start share it with this process: JAX's default of taking 75% of
   # its memory up front would leave them out-of-memory retries on stderr.
@@ -76,8 +75,7 @@ def main_in_process(*args: str) -> subprocess.CompletedProcess:
 
   from mnist_jax import main  # pylint: disable=import-outside-toplevel
 
-  # The session's compilation cache (pytest_configure), not the user's.
-  argv = ["mnist_jax.main", *args, "--jax_cache_dir="]
+  argv = ["mnist_jax.main", *args]
   # config_flags loads every config file as the module `config_config`, executed into the one
   # in `sys.modules` if there is one: a file without `get_config` would find the last one's.
   sys.modules.pop("config_config", None)

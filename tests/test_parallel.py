@@ -192,6 +192,7 @@ def _check_padding_on_eight_devices():
   import jax  # pylint: disable=import-outside-toplevel
 
   assert jax.device_count() == 8
+  parallel.use_compilation_cache(parallel.COMPILATION_CACHE)  # As the suite's own process does.
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (1003, 28, 28, 1), dtype=np.uint8)
   labels = rng.integers(0, 10, 1003, dtype=np.int32)
