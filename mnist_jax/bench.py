@@ -197,21 +197,59 @@ def _torch(config) -> dict[str, Any]:
           "device": f"{device} (PyTorch {torch.__version__})"}
 
 
-def _matmul_floor() -> dict[str, Any]:
-  """GFLOP/s of a large jitted float32 matmul, the most this device does for a dense layer."""
+def _median_seconds(fn, *args, repeats: int = 5) -> float:
+  """Median wall time of `fn(*args)`, compiled and run once before timing."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _epoch_matmuls(hidden_sizes, batch_size: int, steps: int):
+  """One epoch's matmuls alone, at the training batch size, as `mlp_flops_per_example` counts
+  them: a compiled scan whose step runs each dense layer forward, its weight gradient and (but for
+  the first) its input gradient, with nothing else (no softmax, no optimizer, no data)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  widths = [784, *hidden_sizes, 10]
+  keys = jax.random.split(jax.random.PRNGKey(0), len(widths))
+  x = jax.random.normal(keys[0], (batch_size, widths[0]), jnp.float32)
+  weights = [jax.random.normal(key, (i, o), jnp.float32) / i**0.5
+             for key, i, o in zip(keys[1:], widths[:-1], widths[1:])]
+
+  def step(weights, _):
+    activations = [x]
+    for w in weights:
+      activations.append(activations[-1] @ w)
+    grad, updated = activations[-1], list(weights)
+    for layer in reversed(range(len(weights))):
+      # A tiny step, so that the next step's products depend on this one's (nothing is hoisted).
+      updated[layer] = weights[layer] - 1e-9 * (activations[layer].T @ grad)
+      if layer:
+        grad = grad @ weights[layer].T
+    return updated, None
+
+  return jax.jit(lambda w: jax.lax.scan(step, w, None, length=steps)[0]), weights
+
+
+def _matmul_floor(config) -> dict[str, Any]:
+  """GFLOP/s of a large jitted float32 matmul, the most this device does for a dense layer, and
+  the seconds of one epoch's matmuls at the config's batch size (`_epoch_matmuls`)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   n = 2048
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return {"gflops": 2 * n**3 / statistics.median(times) / 1e9}
+  seconds = _median_seconds(jax.jit(lambda x: x @ x), a)
+  epoch, weights = _epoch_matmuls(config.model_args.hidden_sizes, config.batch_size,
+                                  60_000 // config.batch_size)
+  return {"gflops": 2 * n**3 / seconds / 1e9, "epoch_matmuls_s": _median_seconds(epoch, weights)}
 
 
 
@@ -234,7 +272,7 @@ _RUNNERS = {
     "tfdata_only": _tfdata_only,
     "keras": _keras,
     "torch": _torch,
-    "matmul_floor": lambda config: _matmul_floor(),
+    "matmul_floor": _matmul_floor,
     "command": _command,
 }
 
@@ -306,6 +344,9 @@ def _floor_summary(results: dict[str, list[dict[str, Any]]], config) -> str:
   if device_runs:
     epoch_s = _median(device_runs, "steady_epoch_s")
     summary += f"; jax_device's steady epoch is {epoch_s / floor_s:.2f}x that floor"
+    matmuls_s = _median(results["matmul_floor"], "epoch_matmuls_s")
+    summary += (f", and {epoch_s / matmuls_s:.2f}x the epoch's own matmuls run alone at batch "
+                f"{config.batch_size} ({matmuls_s:.3g} s)")
     summary += f"; its data take {device_runs[0]['device_data_mb']:.1f} MB of device memory (uint8)"
   return summary
 

@@ -25,6 +25,7 @@ def test_quick_benchmark_from_another_directory_prints_a_row_per_loop(tmp_path):
   # PyTorch is optional: a row with its figures where it is installed, a note where it is not.
   assert "not installed" in rows["torch"][1] or float(rows["torch"][5].rstrip("%")) > 80.0
   assert "GFLOP/s" in result.stdout and "x that floor" in result.stdout
+  assert "x the epoch's own matmuls run alone at batch 500" in result.stdout
   (wall,) = re.findall(r"^command wall: `python -m mnist_jax.main` took ([\d.]+) s: training "
                        r"([\d.]+) s, compiling ([\d.]+) s, and ([\d.]+) s besides", result.stdout,
                        re.MULTILINE)
