@@ -18,13 +18,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
-  """Every test, and every subprocess it starts, reads tfds data from one fresh directory.
+  """Every test, and every subprocess it starts, reads tfds data from one fresh directory: made
+  by pytest-xdist's controller, whose environment its workers inherit, and prepared by the first
+  worker that needs it (the other waits for it, as runs started together do).
 
   Set before any test imports tfds, so the suite also proves that MNIST prepares from the bundled
   files where nothing was prepared before.
   """
-  del config
-  os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
+  if not _is_worker(config):
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
   # The compilation cache of `python -m mnist_jax.main`, which the runs that tests start use too:
   # a program compiled before, by this session or an earlier one, loads instead of compiling
   # (the same bits). Where nothing is cached, compiling takes about a third of the fast tier.
@@ -36,8 +38,12 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-  del config
-  shutil.rmtree(os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+  if not _is_worker(config):
+    shutil.rmtree(os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+
+
+def _is_worker(config) -> bool:
+  return hasattr(config, "workerinput")  # Set by pytest-xdist on its workers' configs.
 
 
 @pytest.fixture(scope="session")
