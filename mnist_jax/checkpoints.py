@@ -100,8 +100,9 @@ def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
         ]),
         # Saves finish before the next epoch donates the state's buffers.
         enable_async_checkpointing=False,
-        # Only the lock holder writes, so leftovers of a killed save are safe to remove.
-        cleanup_tmp_directories=True,
+        # Leftovers of killed saves are removed by `TrainingCheckpoints` before the run goes on:
+        # orbax's own clean-up would run in a thread of its own until the first save.
+        cleanup_tmp_directories=False,
     )
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=_ITEMS, options=options)
 
@@ -334,6 +335,16 @@ def _steps_with_damaged_metrics(workdir: str) -> list[int]:
   return damaged
 
 
+def _remove_unfinished_saves(workdir: str, step: int | None = None) -> None:
+  """Removes what saves that never finished left (of `step`, or of every step): orbax never lists
+  them, and only the holder of the workdir's lock writes checkpoints."""
+  directory = checkpoint_dir(workdir)
+  pattern = rf"{'[0-9]+' if step is None else step}\.orbax-checkpoint-tmp.*"
+  for name in os.listdir(directory) if os.path.isdir(directory) else []:
+    if re.fullmatch(pattern, name):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 def _set_aside(workdir: str, step: int) -> None:
   """Moves a damaged checkpoint out of orbax's sight, keeping it for inspection."""
   aside = os.path.join(workdir, rundir.UNREADABLE_CHECKPOINTS, str(step))
@@ -394,6 +405,7 @@ class TrainingCheckpoints:
   def __enter__(self) -> TrainingCheckpoints:
     if jax.process_index() == 0:  # The other processes of a multi-host run share the workdir.
       self._stack.enter_context(_workdir_lock(self.workdir))
+      _remove_unfinished_saves(self.workdir)
     for step in _steps_with_damaged_metrics(self.workdir):  # orbax would fail on them.
       _set_aside(self.workdir, step)
     self._manager = self._stack.enter_context(_manager(self.workdir, self.keep))
@@ -483,10 +495,8 @@ class TrainingCheckpoints:
           metrics={"selection": history[-1][metric], metric: history[-1][metric]},
       )
     except Exception as e:  # pylint: disable=broad-except  # orbax raises ValueError for OS errors.
+      _remove_unfinished_saves(self.workdir, step)
       directory = checkpoint_dir(self.workdir)
-      for name in os.listdir(directory):  # The unfinished step, never listed by orbax.
-        if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-          shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
       last = self._manager.latest_step()
       raise CheckpointError(
           f"checkpoint {step} could not be written to {directory} ({_os_reason(e)}); "

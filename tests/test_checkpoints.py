@@ -95,6 +95,20 @@ def test_retention_keeps_the_best_and_the_newest(tmp_path):
     checkpoints.restore(str(tmp_path), template, "300")
 
 
+def test_what_killed_saves_left_is_gone_before_the_run_goes_on(tmp_path):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.5])
+  directory = checkpoints.checkpoint_dir(str(tmp_path))
+  for name in ("200.orbax-checkpoint-tmp-1796139338", "300.orbax-checkpoint-tmp"):
+    os.makedirs(os.path.join(directory, name, "state"))  # As a save killed midway leaves it.
+  with checkpoints.TrainingCheckpoints(str(tmp_path), config):
+    # Gone at once, not by a thread of orbax's own that would still be listing the directory
+    # while the run loads its data.
+    assert sorted(os.listdir(directory)) == ["100"]
+  assert checkpoints.restore(str(tmp_path), lambda config, meta: _fresh_state(config),
+                             "latest").meta["epoch"] == 1
+
+
 def test_checkpoint_every_n_epochs_and_at_the_end(tmp_path):
   config = _config(checkpoint_every_epochs=3, keep_checkpoints=10, num_epochs=7)
   _save_epochs(tmp_path, config, [0.1] * 7)
