@@ -67,9 +67,8 @@ def tfds_order(num_examples: int, split: str) -> np.ndarray:
 
 def load_bundled_mnist(split: str) -> Split:
   """Reads a split of the bundled MNIST with numpy only, in the order `tfds.load` gives."""
-  images_file, labels_file = sources.MNIST_FILES[split]
-  images = sources.parse_idx(sources.verified_mnist_bytes(images_file), "images")[..., None]
-  labels = sources.parse_idx(sources.verified_mnist_bytes(labels_file), "labels").astype(np.int32)
+  images = sources.read_bundled_mnist(split, "images")[..., None]
+  labels = sources.read_bundled_mnist(split, "labels").astype(np.int32)
   order = tfds_order(len(labels), split)
   return Split(images[order], labels[order])
 
@@ -115,7 +114,7 @@ def _whole_split_labels(name: str, split: str, data_dir: str | None) -> np.ndarr
   if kept is not None:
     return kept["labels"]
   if name == "mnist" and split in sources.MNIST_FILES and not have_tensorflow():
-    return sources.parse_idx(sources.verified_mnist_bytes(sources.MNIST_FILES[split][1]), "labels")
+    return sources.read_bundled_mnist(split, "labels")
   return None
 
 

@@ -90,6 +90,13 @@ def verified_mnist_bytes(filename: str) -> bytes:
   return raw
 
 
+def read_bundled_mnist(split: str, kind: str) -> np.ndarray:
+  """The uint8 array of the bundled MNIST file of `split` ("train" or "test") and `kind`
+  ("images" or "labels"), in the files' own order, after its SHA-256 check."""
+  images_file, labels_file = MNIST_FILES[split]
+  return parse_idx(verified_mnist_bytes(images_file if kind == "images" else labels_file), kind)
+
+
 def parse_idx(raw: bytes, kind: str) -> np.ndarray:
   """The uint8 array of an IDX file's bytes; `kind` is "images" or "labels"."""
   ndim = 3 if kind == "images" else 1
