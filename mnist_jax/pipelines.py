@@ -30,9 +30,7 @@ class _Pipeline:
     self.config = config
     # "train", "test" and, with a validation fraction, "val": tfds split strings.
     self.splits = splits
-    self.mesh = parallel.create_mesh()
-    parallel.check_batch_size("config.batch_size", config.batch_size, self.mesh)
-    parallel.check_batch_size("config.eval_batch_size", config.eval_batch_size, self.mesh)
+    self.mesh = parallel.create_mesh()  # Batch sizes that divide among its devices (train.py).
     self.state_sharding = parallel.state_sharding(self.mesh, state)
     self.batch_sharding = parallel.data_sharding(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
