@@ -46,17 +46,26 @@ def _is_worker(config) -> bool:
   return hasattr(config, "workerinput")  # Set by pytest-xdist on its workers' configs.
 
 
-# Modules whose tests (but for a few slow ones) need no MNIST. They run right after the first
-# module, which does: while the worker that runs it prepares MNIST (about 11 s), the other has
-# these to run, instead of waiting for the preparation.
+# Modules whose tests, but for a few slow ones, need no MNIST (the few in test_checkpoints.py come
+# first in it). In this order they run right after the first test, which does need MNIST: while
+# the worker that runs it prepares MNIST (about 11 s), the other runs these instead of waiting.
 _NEED_NO_MNIST = ("test_configs.py", "test_models.py", "test_parallel.py", "test_checkpoints.py")
 
+# Trained runs that several tests share. Under pytest-xdist (`--dist loadgroup`), the tests of each
+# go to one worker, which trains it once.
+_SHARED_RUNS = ("two_epoch_run", "validated_run")
 
+
+@pytest.hookimpl(tryfirst=True)  # Before pytest-xdist reads the groups.
 def pytest_collection_modifyitems(items):
-  need_mnist = [item for item in items if item.path.name not in _NEED_NO_MNIST]
-  first = [item for item in need_mnist if item.path == need_mnist[0].path] if need_mnist else []
-  items[:] = (first + [item for item in items if item.path.name in _NEED_NO_MNIST]
-              + need_mnist[len(first):])
+  for item in items:
+    for name in _SHARED_RUNS:
+      if name in item.fixturenames:
+        item.add_marker(pytest.mark.xdist_group(name))
+  is_early = lambda item: item.path.name in _NEED_NO_MNIST and not item.get_closest_marker("slow")
+  early = sorted(filter(is_early, items), key=lambda item: _NEED_NO_MNIST.index(item.path.name))
+  rest = [item for item in items if not is_early(item)]
+  items[:] = rest[:1] + early + rest[1:]
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +84,17 @@ def two_epoch_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("two_epoch_run")
   config = load_config("seed_mlp", "smoke")
   config.num_epochs = 2
+  train_and_report(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def validated_run(tmp_path_factory):
+  """A workdir of one smoke epoch with a tenth of train held out (where a temperature is fitted),
+  and its report."""
+  workdir = tmp_path_factory.mktemp("validated_run")
+  config = load_config("seed_mlp", "smoke")
+  config.validation_fraction = 0.1
   train_and_report(config, workdir)
   return workdir
 
