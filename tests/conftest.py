@@ -46,9 +46,9 @@ def _is_worker(config) -> bool:
   return hasattr(config, "workerinput")  # Set by pytest-xdist on its workers' configs.
 
 
-# Modules whose tests, but for a few slow ones, need no MNIST (the few in test_checkpoints.py come
-# first in it). In this order they run right after the first test, which does need MNIST: while
-# the worker that runs it prepares MNIST (about 11 s), the other runs these instead of waiting.
+# Modules whose tests need no MNIST, but for three in the last and the slow ones (left in place).
+# In this order they run right after the first test, which does need MNIST: while the worker that
+# runs it prepares MNIST (about 11 s), the other runs these instead of waiting.
 _NEED_NO_MNIST = ("test_configs.py", "test_models.py", "test_parallel.py", "test_checkpoints.py")
 
 # Trained runs that several tests share. Under pytest-xdist (`--dist loadgroup`), the tests of each
