@@ -240,7 +240,8 @@ def _check_array_store(manager: ocp.CheckpointManager, step: int) -> None:
   if not os.path.exists(os.path.join(state_dir, "manifest.ocdbt")):
     return  # Not stored as OCDBT (none of this project's checkpoints): orbax's checks alone.
   try:
-    ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result().list().result()
+    store = {"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + "/"}}  # As orbax.
+    ts.KvStore.open(store).result().list().result()
   except ValueError as e:  # tensorstore's error for unreadable and corrupt data alike.
     file = re.search(r'local file "([^"]+)"', str(e))
     where = f" in {os.path.relpath(file[1], os.path.dirname(state_dir))}" if file else ""

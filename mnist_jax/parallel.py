@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -143,18 +143,21 @@ def data_shards(mesh: Mesh) -> int:
   return mesh.shape[DATA_AXIS]
 
 
-def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:
-  """Refuses a global batch that does not split evenly along the `data` axis."""
-  shards = data_shards(mesh)
-  if batch_size % shards == 0:
-    return
-  lower = batch_size // shards * shards
-  upper = lower + shards
-  suggestions = " or ".join(str(size) for size in (lower, upper) if size > 0)
-  raise ParallelError(
-      f"{name} {batch_size} does not divide among the {shards} devices; use a multiple of "
-      f"{shards}, such as {suggestions}"
-  )
+def check_batch_sizes(config: Any, fields: Sequence[str]) -> None:
+  """Refuses global batch sizes, `config.<field>` for each of `fields`, that do not split evenly
+  along the `data` axis of all devices. Before any data is read: it needs none."""
+  shards = data_shards(create_mesh())
+  for field in fields:
+    batch_size = config[field]
+    if batch_size % shards == 0:
+      continue
+    lower = batch_size // shards * shards
+    upper = lower + shards
+    suggestions = " or ".join(str(size) for size in (lower, upper) if size > 0)
+    raise ParallelError(
+        f"config.{field} {batch_size} does not divide among the {shards} devices; use a multiple "
+        f"of {shards}, such as {suggestions}"
+    )
 
 
 def put_examples(arrays: Any, mesh: Mesh, multiple: int | None = None) -> Any:

@@ -30,7 +30,7 @@ class _Pipeline:
     self.config = config
     # "train", "test" and, with a validation fraction, "val": tfds split strings.
     self.splits = splits
-    self.mesh = parallel.create_mesh()  # Batch sizes that divide among its devices (train.py).
+    self.mesh = parallel.create_mesh()  # Its batch sizes checked before (`check_batch_sizes`).
     self.state_sharding = parallel.state_sharding(self.mesh, state)
     self.batch_sharding = parallel.data_sharding(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
@@ -162,4 +162,5 @@ def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState
                         ) -> dict[str, np.ndarray]:
   """Test loss, accuracy and count of `state`, as training reports them: scalars, or one value
   per seed where `config.num_seeds` > 1. Loads the test split alone and compiles its program only."""
+  parallel.check_batch_sizes(config, ("eval_batch_size",))
   return jax.device_get(create(config, state, {"test": "test"}).evaluate(state))

@@ -54,9 +54,7 @@ def train_and_evaluate(
   checkpoint and returns; only the first writes the other files and prints.
   """
   configs.validate(config)
-  mesh = parallel.create_mesh()
-  for field in ("batch_size", "eval_batch_size"):  # Before any data is read or workdir made.
-    parallel.check_batch_size(f"config.{field}", config[field], mesh)
+  parallel.check_batch_sizes(config, ("batch_size", "eval_batch_size"))  # Before the workdir.
   info = parallel.main_process_first(data.dataset_info, config.dataset, config.data_dir)
   splits = run_splits(config)
   num_train = data.num_examples(config.dataset, splits["train"], config.data_dir)

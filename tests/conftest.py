@@ -47,21 +47,14 @@ def _is_worker(config) -> bool:
 
 
 # Modules whose tests need no MNIST, but for three in the last and the slow ones (left in place).
-# In this order they run right after the first test, which does need MNIST: while the worker that
-# runs it prepares MNIST (about 11 s), the other runs these instead of waiting.
+# On pytest-xdist's workers, in this order, they run right after the first test, which does need
+# MNIST: while the worker that runs it prepares MNIST, the other runs these instead of waiting.
 _NEED_NO_MNIST = ("test_configs.py", "test_models.py", "test_parallel.py", "test_checkpoints.py")
 
-# Trained runs that several tests share. Under pytest-xdist (`--dist loadgroup`), the tests of each
-# go to one worker, which trains it once.
-_SHARED_RUNS = ("two_epoch_run", "validated_run")
 
-
-@pytest.hookimpl(tryfirst=True)  # Before pytest-xdist reads the groups.
-def pytest_collection_modifyitems(items):
-  for item in items:
-    for name in _SHARED_RUNS:
-      if name in item.fixturenames:
-        item.add_marker(pytest.mark.xdist_group(name))
+def pytest_collection_modifyitems(config, items):
+  if not _is_worker(config):  # One process: the order of the files.
+    return
   is_early = lambda item: item.path.name in _NEED_NO_MNIST and not item.get_closest_marker("slow")
   early = sorted(filter(is_early, items), key=lambda item: _NEED_NO_MNIST.index(item.path.name))
   rest = [item for item in items if not is_early(item)]
@@ -84,17 +77,6 @@ def two_epoch_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("two_epoch_run")
   config = load_config("seed_mlp", "smoke")
   config.num_epochs = 2
-  train_and_report(config, workdir)
-  return workdir
-
-
-@pytest.fixture(scope="session")
-def validated_run(tmp_path_factory):
-  """A workdir of one smoke epoch with a tenth of train held out (where a temperature is fitted),
-  and its report."""
-  workdir = tmp_path_factory.mktemp("validated_run")
-  config = load_config("seed_mlp", "smoke")
-  config.validation_fraction = 0.1
   train_and_report(config, workdir)
   return workdir
 

@@ -19,14 +19,14 @@ from parallel_worker import local_params
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 
 
-# Batches of 1000 for the runs compared across device and process counts: 60 steps an epoch
-# exercise the collectives as well as the smoke config's 468, at an eighth of the cost.
+# The batch size of the runs compared across device and process counts: 60 steps an epoch
+# exercise the collectives as well as the smoke config's 468 do.
 PARALLEL_BATCH = 1000
 
 
-def _smoke_flags(workdir, num_epochs, batch_size=128):
-  return ["--config=experiments/seed_mlp.py:smoke", f"--config.num_epochs={num_epochs}",
-          f"--config.batch_size={batch_size}", f"--workdir={workdir}"]
+def _smoke_flags(workdir, num_epochs, *flags):
+  return ["--config=experiments/seed_mlp.py:smoke", f"--config.num_epochs={num_epochs}", *flags,
+          f"--workdir={workdir}"]
 
 
 def _one_device_params(tmp_path, num_epochs):
@@ -50,7 +50,7 @@ def _by_device(arrays):
 def _assert_close(params, reference):
   """Equal up to float summation order. After 936 Adam steps of about 1e-3 (two epochs at batch
   128), the weights of one hidden unit have been seen to drift by up to 1.1e-4 between eight
-  devices and one; the tests now take at most 120 steps."""
+  devices and one; the runs compared here take at most 120."""
   assert params.keys() == reference.keys()
   for path, array in params.items():
     np.testing.assert_allclose(array, reference[path], rtol=1e-4, atol=3e-4, err_msg=path)
@@ -83,8 +83,8 @@ def _free_port():
 
 @pytest.mark.slow
 def test_eight_devices_train_like_one(tmp_path):
-  worker = _worker(tmp_path / "params", _smoke_flags(tmp_path / "run", 2, PARALLEL_BATCH),
-                   EIGHT_DEVICES, tmp_path / "log")
+  flags = _smoke_flags(tmp_path / "run", 2, f"--config.batch_size={PARALLEL_BATCH}")
+  worker = _worker(tmp_path / "params", flags, EIGHT_DEVICES, tmp_path / "log")
   try:
     worker.wait(timeout=300)
   finally:
@@ -114,14 +114,13 @@ def test_eight_devices_train_like_one(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_on_localhost_train_like_one(tmp_path):
-  cluster = ["--multihost", f"--coordinator_address=localhost:{_free_port()}",
-             "--num_processes=2"]
+  flags = _smoke_flags(tmp_path / "run", 1, f"--config.batch_size={PARALLEL_BATCH}", "--multihost",
+                       f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2")
   workers = []
   try:
     for process_id in range(2):
       workers.append(_worker(
-          tmp_path / "params", [*_smoke_flags(tmp_path / "run", 1, PARALLEL_BATCH), *cluster,
-                                f"--process_id={process_id}"],
+          tmp_path / "params", [*flags, f"--process_id={process_id}"],
           "--xla_force_host_platform_device_count=2", tmp_path / f"log{process_id}",
       ))
     _wait_for_all(workers, timeout=150)
@@ -153,13 +152,13 @@ def test_two_processes_on_localhost_train_like_one(tmp_path):
 
 def test_a_batch_that_does_not_divide_among_devices_names_sizes_that_do(tmp_path, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", EIGHT_DEVICES)
-  result = run_main(*_smoke_flags(tmp_path / "run", 1), "--config.batch_size=100")
+  result = run_main(*_smoke_flags(tmp_path / "run", 1, "--config.batch_size=100"))
   assert result.returncode != 0
   assert result.stderr.strip() == (
       "mnist_jax: config.batch_size 100 does not divide among the 8 devices; "
       "use a multiple of 8, such as 96 or 104"
   )
-  assert not os.path.exists(tmp_path / "run")  # Refused before the workdir, or any data.
+  assert not os.path.exists(tmp_path / "run")  # Refused before the workdir is made.
 
 
 @pytest.mark.parametrize(

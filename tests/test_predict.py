@@ -42,6 +42,16 @@ def test_eval_prints_the_test_metrics_training_reported_for_the_best_checkpoint(
           f"test_examples 10000") in result.stdout
 
 
+def test_an_eval_batch_that_does_not_divide_among_the_devices_is_one_line(workdir, monkeypatch):
+  # Trained on one device, evaluated on three: the run's batch size (128) is not used, so not
+  # refused; its eval batch size is.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+  result = run_main("--mode=eval", f"--workdir={workdir}")
+  assert result.returncode != 0
+  assert result.stderr.strip() == ("mnist_jax: config.eval_batch_size 1024 does not divide among "
+                                   "the 3 devices; use a multiple of 3, such as 1023 or 1026")
+
+
 def test_mnist_like_fits_the_digit_in_20x20_centred_by_mass(mnist_test, tmp_path):
   digit = predict.mnist_like(predict.load_image(_render(mnist_test.images_NHWC[0, ..., 0], 5,
                                                         tmp_path / "a.png")))

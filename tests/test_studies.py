@@ -8,15 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, main_in_process
+from conftest import REPO, load_config, main_in_process, train_and_report
 from mnist_jax import attacks, calibration, predict, steps, studies
 
 EPS = [0.0, 0.03, 0.1, 0.2]
 
 
 @pytest.fixture(scope="module")
-def workdir(validated_run):
-  return validated_run
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  config = load_config("seed_mlp", "smoke")
+  config.validation_fraction = 0.1  # Where the temperature is fitted.
+  train_and_report(config, workdir)
+  return workdir
 
 
 @pytest.fixture(scope="module")
