@@ -14,9 +14,8 @@ written by `ocp.CheckpointManager` (atomically: a half-written step is never lis
 Retention keeps the newest `config.keep_checkpoints` and the best by `metrics.selection_metric`.
 Everything read back is checked before use: meta (its fields and its digest), the config
 (`configs.validate` and its digest), the index of the arrays (its checksums) and every array
-against its digest. A checkpoint that fails is
-damaged: restoring falls back to the next one with a warning; resuming also moves it to
-`checkpoints_unreadable/`.
+against its digest. A checkpoint that fails is damaged: restoring falls back to the next one with
+a warning; resuming also moves it to `checkpoints_unreadable/`.
 """
 
 from __future__ import annotations
@@ -238,7 +237,7 @@ def _check_array_store(manager: ocp.CheckpointManager, step: int) -> None:
   leaves their errors to be printed when the process exits."""
   state_dir = os.path.join(manager.directory, str(step), "state")
   if not os.path.exists(os.path.join(state_dir, "manifest.ocdbt")):
-    return  # Not stored as OCDBT (none of this project's checkpoints): orbax's checks alone.
+    return  # Not stored as OCDBT, orbax's default: its own checks alone.
   try:
     store = {"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + "/"}}  # As orbax.
     ts.KvStore.open(store).result().list().result()

@@ -247,7 +247,7 @@ def _flip_byte(path, offset):
 # A damaged index node left to orbax's concurrent reads left failures behind, printed as the
 # process went on or exited ("Task exception was never retrieved", "Event loop is closed").
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-def test_a_flipped_bit_in_any_array_is_caught_by_its_digest(tmp_path, capsys, caplog):
+def test_a_flipped_bit_in_any_array_file_is_one_warning_and_a_fallback(tmp_path, capsys, caplog):
   config = _config()
   _save_epochs(tmp_path, config, [0.1, 0.9])
   template = lambda config, meta: _fresh_state(config)
