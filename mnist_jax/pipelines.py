@@ -30,7 +30,7 @@ class _Pipeline:
     self.config = config
     # "train", "test" and, with a validation fraction, "val": tfds split strings.
     self.splits = splits
-    self.mesh = parallel.create_mesh()  # Its batch sizes checked before (`check_batch_sizes`).
+    self.mesh = parallel.create_mesh()  # Batch sizes that divide among its devices (checked).
     self.state_sharding = parallel.state_sharding(self.mesh, state)
     self.batch_sharding = parallel.data_sharding(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
@@ -161,6 +161,12 @@ def create(config: ml_collections.ConfigDict, state: TrainState, splits: dict[st
 def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState
                         ) -> dict[str, np.ndarray]:
   """Test loss, accuracy and count of `state`, as training reports them: scalars, or one value
-  per seed where `config.num_seeds` > 1. Loads the test split alone and compiles its program only."""
-  parallel.check_batch_sizes(config, ("eval_batch_size",))
+  per seed where `config.num_seeds` > 1. Loads the test split alone and compiles its program only.
+
+  On devices whose number does not divide `config.eval_batch_size` (a run trained elsewhere), the
+  batch is rounded up to a multiple of it: the metrics do not depend on the batch.
+  """
+  shards = parallel.data_shards(parallel.create_mesh())
+  config = config.copy_and_resolve_references()
+  config.eval_batch_size = -(-config.eval_batch_size // shards) * shards
   return jax.device_get(create(config, state, {"test": "test"}).evaluate(state))
