@@ -30,7 +30,7 @@ class _Pipeline:
     self.config = config
     # "train", "test" and, with a validation fraction, "val": tfds split strings.
     self.splits = splits
-    self.mesh = parallel.create_mesh()  # Batch sizes that divide among its devices (checked).
+    self.mesh = parallel.create_mesh()  # The batch sizes divide among its devices (see callers).
     self.state_sharding = parallel.state_sharding(self.mesh, state)
     self.batch_sharding = parallel.data_sharding(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
@@ -163,8 +163,8 @@ def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState
   """Test loss, accuracy and count of `state`, as training reports them: scalars, or one value
   per seed where `config.num_seeds` > 1. Loads the test split alone and compiles its program only.
 
-  On devices whose number does not divide `config.eval_batch_size` (a run trained elsewhere), the
-  batch is rounded up to a multiple of it: the metrics do not depend on the batch.
+  Where the number of devices does not divide `config.eval_batch_size` (a run trained on other
+  devices), the batch is rounded up to a multiple of that number: the metrics do not depend on it.
   """
   shards = parallel.data_shards(parallel.create_mesh())
   config = config.copy_and_resolve_references()
