@@ -252,8 +252,6 @@ def _matmul_floor(config) -> dict[str, Any]:
   return {"gflops": 2 * n**3 / seconds / 1e9, "epoch_matmuls_s": _median_seconds(epoch, weights)}
 
 
-
-
 def mlp_flops_per_example(hidden_sizes, num_inputs: int = 784, num_classes: int = 10) -> int:
   """FLOPs of one training example through an MLP: forward, weight gradients, input gradients.
 

@@ -29,7 +29,7 @@ def pytest_configure(config):
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
   # The compilation cache of `python -m mnist_jax.main`, which the runs that tests start use too:
   # a program compiled before, by this session or an earlier one, loads instead of compiling
-  # (the same bits). Where nothing is cached, compiling takes about a third of the fast tier.
+  # (the same bits), and only programs that are new compile.
   parallel.use_compilation_cache(parallel.COMPILATION_CACHE)
   parallel.set_xla_flags()  # As `main.py` does.
   # On a GPU, the runs that tests start share it with this process: JAX's default of taking 75% of
