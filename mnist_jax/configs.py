@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from mnist_jax import augment, errors, models, optimizers
+from mnist_jax.run import rundir
 
 INPUT_PIPELINES = ("device", "stream")
 
@@ -130,3 +131,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.augment_* needs input_pipeline='device' (augmentation runs there)")
   if config.seed + config.num_seeds - 1 > _INT32:
     raise ConfigError(f"config.seed + config.num_seeds - 1 must be at most {_INT32}")
+
+
+# Fields that may differ between a run and its resume because they do not change what is
+# trained (the two input pipelines train the same bits). `num_epochs` joins them unless a
+# schedule is stretched over it (see `config_changes`).
+RESUMABLE_CHANGES = ("num_epochs", "data_dir", "checkpoint_every_epochs", "keep_checkpoints",
+                     "input_pipeline")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """Config fields (dotted) whose values differ from `saved` in a way that changes training.
+
+  `num_epochs` may rise or fall freely under a constant learning rate; under a schedule that
+  spans the whole run (`lr_schedule != "constant"`) it changes every step's rate, so it counts.
+  """
+  old, new = _flat(saved), _flat(rundir.config_dict(config))
+  free = set(RESUMABLE_CHANGES)
+  if old.get("lr_schedule") != "constant" or new.get("lr_schedule") != "constant":
+    free.discard("num_epochs")
+  changed = sorted(key for key in old.keys() | new.keys()
+                   if key not in free and old.get(key, "<absent>") != new.get(key, "<absent>"))
+  # A field that only one version of the code has is named so: no user edit made it differ.
+  return [key if key in old and key in new else
+          f"{key} (not in the saved config)" if key in new else f"{key} (only in the saved config)"
+          for key in changed]

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mnist_jax import rundir, sources
-from mnist_jax.sources import DataError, have_tensorflow
+from mnist_jax.run import rundir, sources
+from mnist_jax.run.sources import DataError, have_tensorflow
 
 
 @dataclasses.dataclass(frozen=True)

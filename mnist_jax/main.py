@@ -4,7 +4,7 @@
   --mode=eval     test loss and accuracy of a checkpoint (--checkpoint=best|latest|<step>), or
                   its report on a labelled folder (--images_dir=my_digits); --calibrated
   --mode=predict  the digit in each of --images=a.png,b.jpg
-  --mode=attack   test accuracy under FGSM and PGD at each of --eps (studies.py)
+  --mode=attack   test accuracy under FGSM and PGD at each of --eps (studies/)
   --mode=explore  the config's dataset: shapes, class counts and plots
   --mode=report   redraw the training report of a finished --workdir (no --config needed)
   --mode=sweep    train every point of the config file's get_sweep() (see sweep.py)
@@ -36,7 +36,8 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
-from mnist_jax import errors, parallel  # pylint: disable=wrong-import-position
+from mnist_jax import errors  # pylint: disable=wrong-import-position
+from mnist_jax.run import parallel  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -127,7 +128,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _train() -> None:
-  from mnist_jax import checkpoints, reports, sweep, train  # pylint: disable=import-outside-toplevel
+  from mnist_jax import train  # pylint: disable=import-outside-toplevel
+  from mnist_jax.report import training  # pylint: disable=import-outside-toplevel
+  from mnist_jax.run import checkpoints  # pylint: disable=import-outside-toplevel
+  from mnist_jax.tools import sweep  # pylint: disable=import-outside-toplevel
 
   resume = f"resume with: python -m mnist_jax.main {shlex.join(sys.argv[1:])}"
   try:
@@ -139,7 +143,7 @@ def _train() -> None:
       state, _ = train.train_and_evaluate(
           _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
       )
-      reports.after_training(_CONFIG.value, _WORKDIR.value, state)
+      training.after_training(_CONFIG.value, _WORKDIR.value, state)
   except checkpoints.Stopped as e:
     print(f"mnist_jax: {e}; {resume}", file=sys.stderr)
     sys.exit(128 + e.signum)
@@ -149,13 +153,14 @@ def _train() -> None:
 
 
 def _eval() -> None:
-  from mnist_jax import calibration, data, pipelines, predict, studies  # pylint: disable=import-outside-toplevel
+  from mnist_jax import data, pipelines  # pylint: disable=import-outside-toplevel
+  from mnist_jax.studies import calibration, folders, predict  # pylint: disable=import-outside-toplevel
 
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
   # Fitted first: a run without a validation split is refused before any other work.
-  temperature, fitted_on = studies.fit_temperature(model) if _CALIBRATED.value else (1.0, "")
+  temperature, fitted_on = folders.fit_temperature(model) if _CALIBRATED.value else (1.0, "")
   if _IMAGES_DIR.value:
-    result = studies.evaluate_folder(model, _IMAGES_DIR.value, _WORKDIR.value,
+    result = folders.evaluate_folder(model, _IMAGES_DIR.value, _WORKDIR.value,
                                      (temperature, fitted_on) if _CALIBRATED.value else None)
     seeds = result["accuracy_per_seed"]
     per_seed = f" (per seed: {', '.join(f'{a:.4f}' for a in seeds)})" if len(seeds) > 1 else ""
@@ -170,7 +175,7 @@ def _eval() -> None:
         f"test_accuracy {show(metrics['accuracy'])}  test_examples {int(metrics['count'].max())}")
   if _CALIBRATED.value:
     test = data.load_split(model.config.dataset, "test", model.config.data_dir)
-    log_probs_NC, _ = studies.log_probabilities(model, test.images_NHWC)
+    log_probs_NC, _ = folders.log_probabilities(model, test.images_NHWC)
     scores = [(calibration.negative_log_likelihood(log_probs_NC, test.labels_N, t),
                calibration.expected_calibration_error(
                    calibration.probabilities(log_probs_NC, t), test.labels_N))
@@ -180,7 +185,7 @@ def _eval() -> None:
 
 
 def _attack() -> None:
-  from mnist_jax import predict, studies  # pylint: disable=import-outside-toplevel
+  from mnist_jax.studies import folders, predict  # pylint: disable=import-outside-toplevel
 
   try:
     eps = [float(e) for e in _EPS.value]
@@ -191,31 +196,31 @@ def _attack() -> None:
   if not all(0.0 <= e <= 1.0 for e in eps):
     sys.exit(f"mnist_jax: --eps must be in [0, 1] (pixels / 255), got {','.join(_EPS.value)}")
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
-  result = studies.attack(model, _WORKDIR.value, eps, _PGD_STEPS.value, _ATTACK_EXAMPLES.value)
+  result = folders.attack(model, _WORKDIR.value, eps, _PGD_STEPS.value, _ATTACK_EXAMPLES.value)
   print(f"checkpoint {model.step}  clean accuracy {result.clean_accuracy:.4f}")
   for e, fgsm, pgd in zip(result.eps, result.fgsm_accuracy, result.pgd_accuracy):
     print(f"eps {e:<5g}  fgsm {fgsm:.4f}  pgd {pgd:.4f}")
-  print(f"report: {os.path.join(_WORKDIR.value, studies.ATTACK_DIR, 'report.md')}")
+  print(f"report: {os.path.join(_WORKDIR.value, folders.ATTACK_DIR, 'report.md')}")
 
 
 def _predict() -> int:
   """Prints `path  digit  probability` per image; a file that fails is one line on stderr."""
   if not _IMAGES.value:
     sys.exit("mnist_jax: --images is required with --mode=predict, e.g. --images=a.png,b.jpg")
-  from mnist_jax import predict  # pylint: disable=import-outside-toplevel
+  from mnist_jax.studies import digits, predict  # pylint: disable=import-outside-toplevel
 
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
   class_names = predict.dataset_info(model.meta).class_names
   temperature = 1.0
   if _CALIBRATED.value:
-    from mnist_jax import studies  # pylint: disable=import-outside-toplevel
+    from mnist_jax.studies import folders  # pylint: disable=import-outside-toplevel
 
-    temperature = studies.fit_temperature(model)[0]
+    temperature = folders.fit_temperature(model)[0]
   failed = 0
   for path in _IMAGES.value:
     try:
-      probs = predict.probabilities(model, [predict.load_image(path)], temperature=temperature)[0]
-    except predict.ImageError as e:
+      probs = predict.probabilities(model, [digits.load_image(path)], temperature=temperature)[0]
+    except digits.ImageError as e:
       print(f"mnist_jax: {path}: {e}", file=sys.stderr, flush=True)
       failed += 1
       continue
@@ -272,13 +277,13 @@ def main(argv: list[str]) -> None:
     elif _MODE.value == "attack":
       _attack()
     elif _MODE.value == "explore":
-      from mnist_jax import explore  # pylint: disable=import-outside-toplevel
+      from mnist_jax.report import explore  # pylint: disable=import-outside-toplevel
 
       explore.explore(_CONFIG.value, _WORKDIR.value)
     else:
-      from mnist_jax import reports  # pylint: disable=import-outside-toplevel
+      from mnist_jax.report import training  # pylint: disable=import-outside-toplevel
 
-      reports.report_workdir(_WORKDIR.value)
+      training.report_workdir(_WORKDIR.value)
   except errors.UserError as e:
     sys.exit(f"mnist_jax: {e}")
   except OSError as e:  # The workdir or another path: read-only, full, gone.

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnist_jax import augment, configs, data, parallel, progress, steps
+from mnist_jax import augment, configs, data, steps
+from mnist_jax.run import parallel, progress
 from mnist_jax.steps import Metrics, TrainState
 
 

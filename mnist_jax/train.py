@@ -17,8 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnist_jax import (checkpoints, configs, data, errors, metrics, optimizers, parallel, pipelines,
-                       rundir, steps, summaries)
+from mnist_jax import configs, data, errors, metrics, optimizers, pipelines, steps
+from mnist_jax.run import checkpoints, parallel, rundir, summaries
 
 
 class TrainingError(errors.UserError):

@@ -12,7 +12,8 @@ from unittest import mock
 import ml_collections
 import pytest
 
-from mnist_jax import configs, data, parallel
+from mnist_jax import configs, data
+from mnist_jax.run import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,8 +121,9 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 def train_and_report(config: ml_collections.ConfigDict, workdir) -> dict:
   """Trains as `--mode=train` does, the loop and then the report; returns the final metrics."""
-  from mnist_jax import reports, train  # pylint: disable=import-outside-toplevel
+  from mnist_jax import train  # pylint: disable=import-outside-toplevel
+  from mnist_jax.report import training  # pylint: disable=import-outside-toplevel
 
   state, final = train.train_and_evaluate(config, str(workdir))
-  reports.after_training(config, str(workdir), state)
+  training.after_training(config, str(workdir), state)
   return final

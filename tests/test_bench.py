@@ -11,7 +11,7 @@ import pytest
 def test_quick_benchmark_from_another_directory_prints_a_row_per_loop(tmp_path):
   # Started outside the repository, it still finds its default config, experiments/seed_mlp.py.
   result = subprocess.run(
-      [sys.executable, "-m", "mnist_jax.bench", "--quick", "--config.batch_size=500",
+      [sys.executable, "-m", "mnist_jax.tools.bench", "--quick", "--config.batch_size=500",
        "--loops=jax_device,command,keras,torch"],
       cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
   )

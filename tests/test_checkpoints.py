@@ -12,7 +12,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, load_config, main_in_process
-from mnist_jax import checkpoints, data, pipelines, predict, rundir, steps, train
+from mnist_jax import configs, data, pipelines, steps, train
+from mnist_jax.run import checkpoints, rundir
+from mnist_jax.studies import predict
 
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
 META = {"steps_per_epoch": 100, "dataset": {"name": "mnist", "image_shape": [28, 28, 1],
@@ -173,7 +175,7 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
 
 def test_the_input_pipeline_may_change_on_resume():
   stream = _config(input_pipeline="stream")  # It trains the same bits as the device pipeline.
-  assert checkpoints.config_changes(rundir.config_dict(_config()), stream) == []
+  assert configs.config_changes(rundir.config_dict(_config()), stream) == []
 
 
 def test_fields_that_only_one_version_of_the_config_has_are_named_as_such():
@@ -181,7 +183,7 @@ def test_fields_that_only_one_version_of_the_config_has_are_named_as_such():
   saved = rundir.config_dict(_config())
   del saved["augment_shift"]  # As a checkpoint from before the field existed.
   saved["retired_field"] = 1
-  assert checkpoints.config_changes(saved, config) == [
+  assert configs.config_changes(saved, config) == [
       "augment_shift (not in the saved config)", "learning_rate",
       "retired_field (only in the saved config)"]
 

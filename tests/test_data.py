@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_jax import data, sources
+from mnist_jax import data
+from mnist_jax.run import sources
 
 # From the MNIST README that ships with the files.
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

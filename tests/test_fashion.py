@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, main_in_process, train_and_report
-from mnist_jax import sources
+from mnist_jax.run import sources
 
 
 NUM_EXAMPLES = 512

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from conftest import load_config, main_in_process, run_main
-from mnist_jax import rundir, train
+from mnist_jax import train
+from mnist_jax.run import rundir
 
 SMOKE = "--config=experiments/seed_mlp.py:smoke"
 STEPS_PER_EPOCH = 60_000 // 128

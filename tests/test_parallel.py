@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config, main_in_process, run_main
-from mnist_jax import data, parallel, predict, steps, train
+from mnist_jax import data, steps, train
+from mnist_jax.run import parallel
+from mnist_jax.studies import predict
 from parallel_worker import local_params
 
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"

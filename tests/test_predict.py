@@ -15,7 +15,8 @@ import pytest
 from PIL import ExifTags, Image
 
 from conftest import REPO, load_config, main_in_process, run_main, train_and_report
-from mnist_jax import data, predict
+from mnist_jax import data
+from mnist_jax.studies import digits, predict
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_eval_on_devices_that_divide_neither_batch_size_gives_the_same_metrics(w
 
 
 def test_mnist_like_fits_the_digit_in_20x20_centred_by_mass(mnist_test, tmp_path):
-  digit = predict.mnist_like(predict.load_image(_render(mnist_test.images_NHWC[0, ..., 0], 5,
+  digit = digits.mnist_like(digits.load_image(_render(mnist_test.images_NHWC[0, ..., 0], 5,
                                                         tmp_path / "a.png")))
   assert digit.shape == (28, 28) and digit.dtype == np.uint8
   assert digit[0].max() == 0 and digit[:, 0].max() == 0  # Inverted: a black background.
@@ -74,26 +75,26 @@ def test_a_fashion_photo_is_framed_as_fashion_mnist_frames_its_own():
   photo[10:70, 10:40] = 150.0  # black band at its top that moves its centre of mass up.
   photo[10:20, 10:40] = 0.0
   rows_and_cols = lambda image: (np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0)))
-  rows, cols = rows_and_cols(predict.mnist_like(photo, "fashion_mnist"))
+  rows, cols = rows_and_cols(digits.mnist_like(photo, "fashion_mnist"))
   assert (rows[0], rows[-1]) == (0, 27) and (cols[0], cols[-1]) == (7, 20)
-  rows, cols = rows_and_cols(predict.mnist_like(photo, "mnist"))
+  rows, cols = rows_and_cols(digits.mnist_like(photo, "mnist"))
   assert rows[-1] - rows[0] + 1 == 20 and rows[0] > 4  # Moved down: its mass sits high.
-  with pytest.raises(predict.ImageError, match="this model is of 'emnist'"):
-    predict.mnist_like(photo, "emnist")
+  with pytest.raises(digits.ImageError, match="this model is of 'emnist'"):
+    digits.mnist_like(photo, "emnist")
 
 
 def test_a_model_of_other_images_than_28x28_grayscale_is_refused_photos():
   info = data.DatasetInfo("cifar10", (32, 32, 3), 10, tuple("abcdefghij"))
-  with pytest.raises(predict.ImageError, match=r"folder evaluation needs a 28x28 grayscale model; "
+  with pytest.raises(digits.ImageError, match=r"folder evaluation needs a 28x28 grayscale model; "
                                                r"this one takes \(32, 32, 3\)"):
-    predict.check_takes_28x28_grayscale(info, "folder evaluation")
-  predict.check_takes_28x28_grayscale(data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789")),
+    digits.check_takes_28x28_grayscale(info, "folder evaluation")
+  digits.check_takes_28x28_grayscale(data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789")),
                                       "predicting")
 
 
 def test_predicts_rendered_test_digits_like_the_originals(workdir, mnist_test, tmp_path):
   count = 60
-  images = [predict.load_image(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png"))
+  images = [digits.load_image(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png"))
             for i in range(count)]
   model = predict.load(str(workdir))
   probs = predict.probabilities(model, images)
@@ -131,8 +132,8 @@ def test_ink_of_either_colour_on_a_transparent_background_predicts(workdir, mnis
       rgba = np.zeros((28, 28, 4), np.uint8)
       rgba[..., :3], rgba[..., 3] = ink, mnist_test.images_NHWC[i, ..., 0]
       Image.fromarray(rgba).resize((84, 84)).save(tmp_path / f"{ink}_{i}.png")
-      images.append(predict.load_image(str(tmp_path / f"{ink}_{i}.png")))
-    by_ink[ink] = np.stack([predict.mnist_like(image) for image in images])
+      images.append(digits.load_image(str(tmp_path / f"{ink}_{i}.png")))
+    by_ink[ink] = np.stack([digits.mnist_like(image) for image in images])
     accuracy = np.mean(predict.probabilities(model, images).argmax(1) == mnist_test.labels_N[:count])
     assert accuracy >= 0.85, (ink, accuracy)  # White ink was flattened onto white: no digit.
   np.testing.assert_allclose(by_ink[0], by_ink[255], atol=2)
@@ -150,16 +151,16 @@ def test_a_12_bit_scan_in_a_16_bit_file_predicts_and_a_tiny_image_is_refused(wor
   digit = 255 - mnist_test.images_NHWC[0, ..., 0].astype(np.uint16)  # Dark on light.
   Image.fromarray(digit * 16).save(tmp_path / "scan.png")  # 0..4080, as 12-bit scanners write.
   model = predict.load(str(workdir))
-  probs = predict.probabilities(model, [predict.load_image(str(tmp_path / "scan.png"))])
+  probs = predict.probabilities(model, [digits.load_image(str(tmp_path / "scan.png"))])
   assert probs.argmax() == mnist_test.labels_N[0]
-  with pytest.raises(predict.ImageError, match="2x1 pixels is too small to hold a digit"):
-    predict.mnist_like(np.zeros((1, 2)))
+  with pytest.raises(digits.ImageError, match="2x1 pixels is too small to hold a digit"):
+    digits.mnist_like(np.zeros((1, 2)))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_turns_the_image_upright(tmp_path, orientation):
   upright = np.arange(12 * 7, dtype=np.uint8).reshape(12, 7)
-  loaded = predict.load_image(_save_oriented(upright, orientation, tmp_path / "a.png"))
+  loaded = digits.load_image(_save_oriented(upright, orientation, tmp_path / "a.png"))
   np.testing.assert_array_equal(loaded, upright)
 
 
@@ -170,7 +171,7 @@ def test_photos_stored_turned_predict_as_upright_ones(workdir, mnist_test, tmp_p
   images = []
   for i in range(count):
     upright = np.asarray(Image.open(_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / "a.png")))
-    images.append(predict.load_image(_save_oriented(upright, 6, tmp_path / f"{i}.jpg")))
+    images.append(digits.load_image(_save_oriented(upright, 6, tmp_path / f"{i}.jpg")))
   accuracy = np.mean(predict.probabilities(model, images).argmax(1) == mnist_test.labels_N[:count])
   assert accuracy >= 0.85  # About 0.15 when read sideways.
 
@@ -197,7 +198,7 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
   assert result.returncode == 1
 
   model = predict.load(str(workdir))
-  expected = predict.probabilities(model, [predict.load_image(path) for path in good])
+  expected = predict.probabilities(model, [digits.load_image(path) for path in good])
   assert result.stdout.splitlines() == [
       f"{path}  {probs.argmax()}  {probs.max():.4f}" for path, probs in zip(good, expected)
   ]
@@ -238,7 +239,7 @@ def test_a_run_of_several_seeds_evaluates_each_and_predicts_with_their_mean(tmp_
   saved = json.loads((tmp_path / "eval" / "digits" / "results.json").read_text())
   paths = sorted((tmp_path / "digits").glob("*/*.png"))
   truth = np.array([int(path.parent.name) for path in paths])
-  prepared = np.stack([predict.mnist_like(predict.load_image(str(path))) for path in paths])[..., None]
+  prepared = np.stack([digits.mnist_like(digits.load_image(str(path))) for path in paths])[..., None]
   per_seed = [float(np.mean(np.asarray(model.state.apply_fn(
       {"params": params}, prepared.astype(np.float32) / 255.0, train=False)).argmax(1) == truth))
               for params in (first, second)]

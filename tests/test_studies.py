@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, load_config, main_in_process, train_and_report
-from mnist_jax import attacks, calibration, predict, steps, studies
+from mnist_jax import steps
+from mnist_jax.studies import attacks, calibration, digits, folders, predict
 
 EPS = [0.0, 0.03, 0.1, 0.2]
 
@@ -111,7 +112,7 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
                                                                  tmp_path):
   folder = _labelled_folder(tmp_path / "digits", mnist_test, 120)
   sevens = sorted(folder.glob("7/*.png"))
-  sureness = predict.probabilities(model, [predict.load_image(str(path)) for path in sevens])[:, 7]
+  sureness = predict.probabilities(model, [digits.load_image(str(path)) for path in sevens])[:, 7]
   # The clearest seven, mislabelled on purpose: a confident mistake.
   (folder / "1" / "a_seven.png").write_bytes(sevens[sureness.argmax()].read_bytes())
   (folder / "3" / "notes.txt").write_text("not an image")
@@ -127,7 +128,7 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
   saved = json.loads((workdir / "eval" / "digits" / "results.json").read_text())
   files = sorted(path for path in folder.glob("*/*.png"))
   truth = np.array([int(path.parent.name) for path in files])
-  probs = predict.probabilities(model, [predict.load_image(str(path)) for path in files])
+  probs = predict.probabilities(model, [digits.load_image(str(path)) for path in files])
   assert saved["images"] == len(files) == 121
   assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == truth), abs=1e-12)
   assert saved["accuracy"] <= 120 / 121  # The mislabelled seven is a mistake.
@@ -145,7 +146,7 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
                                "--calibrated")
   assert calibrated.returncode == 0, calibrated.stderr
   again = json.loads((workdir / "eval" / "digits" / "results.json").read_text())
-  temperature, _ = studies.fit_temperature(model)
+  temperature, _ = folders.fit_temperature(model)
   assert again["temperature"] == temperature and again["accuracy"] == saved["accuracy"]
 
 
@@ -212,7 +213,7 @@ def test_a_folder_is_read_as_keras_and_torchvision_read_one(workdir, mnist_test,
 def test_a_folder_without_mistakes_reports_none(workdir, model, mnist_test, tmp_path):
   folder = _labelled_folder(tmp_path / "right", mnist_test, 30)
   paths = sorted(folder.glob("*/*.png"))
-  probs = predict.probabilities(model, [predict.load_image(str(path)) for path in paths])
+  probs = predict.probabilities(model, [digits.load_image(str(path)) for path in paths])
   for path, p in zip(paths, probs):
     if p.argmax() != int(path.parent.name):
       path.unlink()

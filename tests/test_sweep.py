@@ -8,7 +8,9 @@ import os
 import pytest
 
 from conftest import REPO, load_config, main_in_process
-from mnist_jax import data, reports, sweep, train
+from mnist_jax import data, train
+from mnist_jax.report import training
+from mnist_jax.tools import sweep
 
 SMOKE = os.path.join(REPO, "experiments", "lr_batch_sweep.py")
 
@@ -17,7 +19,7 @@ SMOKE = os.path.join(REPO, "experiments", "lr_batch_sweep.py")
 def fast_runs(monkeypatch):
   """Each split loaded once, and no figures: the sweep is under test, not loading or plotting."""
   monkeypatch.setattr(data, "load_split", functools.cache(data.load_split))
-  monkeypatch.setattr(reports, "after_training", lambda *args: None)
+  monkeypatch.setattr(training, "after_training", lambda *args: None)
 
 
 def _csv_rows(workdir):

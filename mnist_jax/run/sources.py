@@ -31,7 +31,8 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
-from mnist_jax import errors, rundir
+from mnist_jax import errors
+from mnist_jax.run import rundir
 
 BUNDLED_MNIST = importlib.resources.files("mnist_jax") / "bundled" / "mnist"
 MNIST_FILES = {

@@ -1,7 +1,7 @@
-"""Using a trained model: restore it from a workdir, make any digit image MNIST-like, predict.
+"""Any digit image as the model's dataset draws its own: reading a file, and framing the digit.
 
-  model = predict.load("runs/seed_mlp")                # the best checkpoint
-  probs_NC = predict.probabilities(model, [photo_HW, drawing_HWC])
+  image_HW = digits.load_image("photo.jpg")        # grayscale float32, upright
+  digit_28x28 = digits.mnist_like(image_HW)        # uint8, as MNIST frames its digits
 
 MNIST digits are white on black, scaled to fit a 20x20 box (keeping their aspect ratio) and
 placed in 28x28 with their centre of mass at the centre. `mnist_like` does the same to a photo or
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
 
-import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_jax import calibration, checkpoints, data, errors, parallel, steps
+from mnist_jax import data, errors
 
 MNIST_SIZE = 28
 # Images above this are refused unread; decoded, 25 MP of RGBA take 100 MB.
@@ -53,27 +51,6 @@ _MIN_CONTRAST = 32.0
 
 class ImageError(errors.UserError):
   """An image file or array that cannot be predicted, with a message that says why."""
-
-
-def dataset_info(meta: dict) -> data.DatasetInfo:
-  """The dataset a model was trained on, as its checkpoint's meta item records it."""
-  saved = meta["dataset"]
-  return data.DatasetInfo(saved["name"], tuple(saved["image_shape"]), saved["num_classes"],
-                          tuple(saved["class_names"]))
-
-
-def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
-  """Restores the model of `workdir`: its "best" checkpoint, the "latest", or a step number."""
-
-  def template(config, meta):
-    # Shapes alone, laid out as the pipelines' programs take a state: whole on every device, of
-    # however many devices this machine has, whatever the training machine had.
-    shapes = steps.state_shapes(config, dataset_info(meta), meta["steps_per_epoch"])
-    replicated = parallel.replicated(parallel.create_mesh())
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        shapes)
-
-  return checkpoints.restore(workdir, template, checkpoint)
 
 
 def load_image(path: str) -> np.ndarray:
@@ -192,33 +169,3 @@ def check_takes_28x28_grayscale(info: data.DatasetInfo, use: str) -> None:
   """`ImageError` unless the model's dataset is of 28x28 grayscale images, as `use` needs."""
   if info.image_shape != (MNIST_SIZE, MNIST_SIZE, 1):
     raise ImageError(f"{use} needs a 28x28 grayscale model; this one takes {info.image_shape}")
-
-
-def probabilities(
-    model: checkpoints.Restored, images: Sequence[np.ndarray] | np.ndarray, *, preprocess: bool = True,
-    temperature: float = 1.0,
-) -> np.ndarray:
-  """Class probabilities `[N, num_classes]` of a trained model for N digit images; of a run of
-  `config.num_seeds` models, the mean of theirs (an ensemble).
-
-  Args:
-    model: from `load(workdir)`.
-    images: N arrays of pixels 0..255, `[H, W]` or `[H, W, 1|3|4]`, any size, or one stacked array.
-    preprocess: frame each image as the model's dataset does first (`mnist_like`). Pass False
-      for images that already are, e.g. the dataset's own uint8 `[N, 28, 28, 1]`.
-    temperature: divides the (ensemble's log-) probabilities before the softmax; from
-      `studies.fit_temperature`, for calibrated confidence (calibration.py).
-
-  Raises:
-    ImageError: an image with no digit, or of an unusable shape.
-  """
-  info = dataset_info(model.meta)
-  check_takes_28x28_grayscale(info, "predicting")
-  if preprocess:
-    images_NHW = np.stack([mnist_like(image, info.name) for image in images])
-  else:
-    images_NHW = np.asarray(images).reshape(-1, MNIST_SIZE, MNIST_SIZE)
-  log_probs_NC = steps.log_probabilities(
-      model.state, images_NHW[..., None].astype(np.float32), mean=model.config.pixel_mean,
-      std=model.config.pixel_std, num_seeds=model.config.num_seeds)
-  return calibration.probabilities(np.asarray(log_probs_NC), temperature)

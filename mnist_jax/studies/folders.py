@@ -22,7 +22,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mnist_jax import attacks, calibration, checkpoints, data, errors, predict, rundir, steps
+from mnist_jax import data, errors, steps
+from mnist_jax.run import checkpoints, rundir
+from mnist_jax.studies import attacks, calibration, digits, predict
 
 EVAL_DIR = "eval"
 ATTACK_DIR = "attack"
@@ -67,7 +69,7 @@ def _class_of(folder: str, class_names: tuple[str, ...]) -> int | None:
 def load_folder(directory: str, info: data.DatasetInfo
                 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
   """The images `[N, 28, 28]` of a labelled folder, framed as `info`'s dataset frames its own
-  (`predict.mnist_like`), their labels and paths, and what was skipped. A file that cannot be
+  (`digits.mnist_like`), their labels and paths, and what was skipped. A file that cannot be
   used, a subfolder named by no class and an empty one are each a warning line and an entry of
   the skipped list (`<path>: <why>`)."""
   if not os.path.isdir(directory):
@@ -99,8 +101,8 @@ def load_folder(directory: str, info: data.DatasetInfo
         skip(path, "not a regular file; skipped")
         continue
       try:
-        images.append(predict.mnist_like(predict.load_image(path), info.name))
-      except predict.ImageError as e:
+        images.append(digits.mnist_like(digits.load_image(path), info.name))
+      except digits.ImageError as e:
         skip(path, f"{e}; skipped")
         continue
       labels.append(index)
@@ -126,10 +128,10 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
 
   `temperature`: `fit_temperature(model)`, to report calibrated probabilities.
   """
-  from mnist_jax import reports  # pylint: disable=import-outside-toplevel  # Loads matplotlib.
+  from mnist_jax.report import training  # pylint: disable=import-outside-toplevel  # Loads matplotlib.
 
   info = predict.dataset_info(model.meta)
-  predict.check_takes_28x28_grayscale(info, "folder evaluation")
+  digits.check_takes_28x28_grayscale(info, "folder evaluation")
   start = time.perf_counter()
   images_NHW, labels_N, paths, skipped = load_folder(directory, info)
   loaded = time.perf_counter()
@@ -153,7 +155,7 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
   # Named by the folder (a later evaluation of a folder of that name replaces it, whole).
   out_dir = os.path.join(workdir, EVAL_DIR, os.path.basename(os.path.realpath(directory)))
   shutil.rmtree(out_dir, ignore_errors=True)
-  reports.write_study(out_dir, f"Evaluation on `{result['folder']}`", images_NHW[..., None],
+  training.write_study(out_dir, f"Evaluation on `{result['folder']}`", images_NHW[..., None],
                       labels_N, log_probs_NC, info.class_names, model, result,
                       [os.path.relpath(path, directory) for path in paths])
   rundir.write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=2) + "\n")
@@ -168,7 +170,7 @@ def evaluate_folder(model: checkpoints.Restored, directory: str, workdir: str,
 def attack(model: checkpoints.Restored, workdir: str, eps: list[float], pgd_steps: int,
            num_examples: int | None = None) -> attacks.Robustness:
   """FGSM and PGD accuracy against eps on the test split; writes `<workdir>/attack/`."""
-  from mnist_jax import reports  # pylint: disable=import-outside-toplevel
+  from mnist_jax.report import training  # pylint: disable=import-outside-toplevel
 
   config: ml_collections.ConfigDict = model.config
   test = data.load_split(config.dataset, "test", config.data_dir)
@@ -176,6 +178,6 @@ def attack(model: checkpoints.Restored, workdir: str, eps: list[float], pgd_step
   result = attacks.accuracy_under_attack(
       model.state, images, labels, eps, mean=config.pixel_mean, std=config.pixel_std,
       num_seeds=config.num_seeds, pgd_steps=pgd_steps)
-  reports.write_attack_report(os.path.join(workdir, ATTACK_DIR), result, images, labels,
+  training.write_attack_report(os.path.join(workdir, ATTACK_DIR), result, images, labels,
                               predict.dataset_info(model.meta).class_names, model.step)
   return result

@@ -31,7 +31,9 @@ from typing import Any
 
 import ml_collections
 
-from mnist_jax import configs, errors, metrics, parallel, reports, rundir, train
+from mnist_jax import configs, errors, metrics, train
+from mnist_jax.report import training
+from mnist_jax.run import parallel, rundir
 
 Overrides = dict[str, Any]
 
@@ -248,7 +250,7 @@ def run_sweep(
       state, _ = train.train_and_evaluate(
           point_configs[point.name, seed], run_dir, allow_config_change=allow_config_change
       )
-      reports.after_training(point_configs[point.name, seed], run_dir, state)
+      training.after_training(point_configs[point.name, seed], run_dir, state)
     rows, accuracies = summary_rows(workdir, points, metric)
     if parallel.is_main_process():  # Which alone writes the runs' final metrics.
       write_summary(workdir, points, rows, metric, accuracies, title or workdir)

@@ -11,7 +11,9 @@ import os
 import ml_collections
 import numpy as np
 
-from mnist_jax import data, plots, rundir
+from mnist_jax import data
+from mnist_jax.report import plots
+from mnist_jax.run import rundir
 
 SPLITS = ("train", "test")
 EXPLORE_FILE = "explore.md"

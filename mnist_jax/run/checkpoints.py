@@ -43,13 +43,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import checkpoint_managers
 
-from mnist_jax import configs, errors, metrics, parallel, rundir
-
-# Fields that may differ between a run and its resume because they do not change what is
-# trained (the two input pipelines train the same bits). `num_epochs` joins them unless a
-# schedule is stretched over it (see `config_changes`).
-RESUMABLE_CHANGES = ("num_epochs", "data_dir", "checkpoint_every_epochs", "keep_checkpoints",
-                     "input_pipeline")
+from mnist_jax import configs, errors, metrics
+from mnist_jax.run import parallel, rundir
 
 _ITEMS = ("state", "meta", "config")
 
@@ -106,34 +101,6 @@ def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
         cleanup_tmp_directories=False,
     )
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=_ITEMS, options=options)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-  """Config fields (dotted) whose values differ from `saved` in a way that changes training.
-
-  `num_epochs` may rise or fall freely under a constant learning rate; under a schedule that
-  spans the whole run (`lr_schedule != "constant"`) it changes every step's rate, so it counts.
-  """
-  old, new = _flat(saved), _flat(rundir.config_dict(config))
-  free = set(RESUMABLE_CHANGES)
-  if old.get("lr_schedule") != "constant" or new.get("lr_schedule") != "constant":
-    free.discard("num_epochs")
-  changed = sorted(key for key in old.keys() | new.keys()
-                   if key not in free and old.get(key, "<absent>") != new.get(key, "<absent>"))
-  # A field that only one version of the code has is named so: no user edit made it differ.
-  return [key if key in old and key in new else
-          f"{key} (not in the saved config)" if key in new else f"{key} (only in the saved config)"
-          for key in changed]
 
 
 def _as_pytree(state: Any) -> dict[str, Any]:
@@ -472,7 +439,7 @@ class TrainingCheckpoints:
     return restored.state, list(restored.meta["history"])
 
   def _check_config(self, saved: dict[str, Any]) -> None:
-    changed = config_changes(saved, self.config)
+    changed = configs.config_changes(saved, self.config)
     if changed and not self.allow_config_change:
       raise CheckpointError(
           f"{self.workdir} was trained with a different config (changed: {', '.join(changed)}); "

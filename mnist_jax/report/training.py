@@ -16,8 +16,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mnist_jax import (attacks, calibration, data, errors, metrics, parallel, plots, rundir,
-                       steps, summaries)
+from mnist_jax import data, errors, metrics, steps
+from mnist_jax.report import plots
+from mnist_jax.run import parallel, rundir, summaries
+from mnist_jax.studies import attacks, calibration
 
 NUM_MISTAKES = 25
 
@@ -349,7 +351,7 @@ def _written_line(workdir: str, seconds: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Studies of a trained model (studies.py): a labelled folder, adversarial attacks.
+# Studies of a trained model (folder.py): a labelled folder, adversarial attacks.
 
 
 def write_study(out_dir: str, title: str, images_NHWC: np.ndarray, labels_N: np.ndarray,
