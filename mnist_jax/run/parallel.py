@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,7 +43,8 @@ def initialize_distributed(
   """Joins this process to the others through `jax.distributed.initialize`.
 
   Arguments left as None are detected by JAX where it knows the cluster (Cloud TPU, SLURM, Open
-  MPI). CPU processes exchange collectives through gloo. Must run before any other JAX call.
+  MPI). CPU processes exchange collectives through gloo, connected here, before training
+  prints its first line. Must run before any other JAX call.
   Where not every process has joined after `timeout_s`, exits with one line (JAX itself would
   abort with a C++ stack trace, which no Python code can catch).
   """
@@ -75,6 +77,29 @@ def initialize_distributed(
     raise ParallelError(f"jax.distributed.initialize failed ({first_line}){hint}") from e
   finally:
     joined.set()
+  _connect_quietly()
+
+
+def _connect_quietly() -> None:
+  """Runs the first collective of all processes, where gloo connects them, keeping its
+  "[Gloo] Rank <i> is connected to <n> peer ranks" off the terminal: its C++ writes that line
+  straight to the stdout file descriptor, and no setting turns it off. Anything else written
+  meanwhile is passed on."""
+  if jax.process_count() == 1:
+    return
+  sys.stdout.flush()
+  with tempfile.TemporaryFile() as captured:
+    stdout_fd = os.dup(1)
+    os.dup2(captured.fileno(), 1)
+    try:
+      multihost_utils.sync_global_devices("mnist_jax joined")
+    finally:
+      sys.stdout.flush()
+      os.dup2(stdout_fd, 1)
+      os.close(stdout_fd)
+    captured.seek(0)
+    kept = b"".join(line for line in captured if not line.startswith(b"[Gloo] "))
+  os.write(1, kept)
 
 
 # Flags `set_xla_flags` adds unless `XLA_FLAGS` names them already; each reaches one backend.
