@@ -78,11 +78,15 @@ _PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "attack: PGD's steps, the fir
                                   lower_bound=1)
 _ATTACK_EXAMPLES = flags.DEFINE_integer(
     "attack_examples", None, "attack: only the first this many test images.", lower_bound=1)
+_SWEEP_SHARD = flags.DEFINE_string(
+    "sweep_shard", None, "sweep: train only share i of n of its runs, as i/n (0 <= i < n), for "
+    "schedulers that start n copies of one command (a Kubernetes indexed job, a shell loop); in "
+    "a SLURM array (sbatch --array=0-<n-1>) each task takes its share by itself.")
 # The modes each of these flags is for.
 _MODE_FLAGS = [
     (_CHECKPOINT, ("eval", "predict", "attack")), (_IMAGES, ("predict",)),
     (_IMAGES_DIR, ("eval",)), (_CALIBRATED, ("eval", "predict")), (_EPS, ("attack",)),
-    (_PGD_STEPS, ("attack",)), (_ATTACK_EXAMPLES, ("attack",)),
+    (_PGD_STEPS, ("attack",)), (_ATTACK_EXAMPLES, ("attack",)), (_SWEEP_SHARD, ("sweep",)),
 ]
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join the other processes through jax.distributed.initialize; on Cloud "
@@ -137,8 +141,13 @@ def _train() -> None:
   try:
     if _MODE.value == "sweep":
       filename = config_flags.get_config_filename(flags.FLAGS["config"])
+      if _SWEEP_SHARD.value is not None:
+        share = sweep.parse_share(_SWEEP_SHARD.value)
+      else:  # Inside a SLURM array, the task's own share; elsewhere the whole sweep.
+        share = sweep.array_share(*(os.environ.get(f"SLURM_ARRAY_TASK_{name}")
+                                    for name in ("ID", "COUNT", "MIN", "MAX", "STEP")))
       sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.load_sweep(filename), title=filename,
-                      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+                      allow_config_change=_ALLOW_CONFIG_CHANGE.value, share=share)
     else:
       state, _ = train.train_and_evaluate(
           _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value

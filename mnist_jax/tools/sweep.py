@@ -8,12 +8,18 @@ An experiment file that defines `get_sweep(arg=None)` can be swept:
 `get_config(arg)` (after any `--config.*` flags). Overrides that differ only in `seed` are the
 seeds of one point. Each seed of a point trains with `train.train_and_evaluate` into
 `<workdir>/<point>/seed_<seed>/`, where `<point>` is made from the overrides, e.g.
-`learning_rate=0.001,batch_size=32`, and then draws its report. A seed whose
-`final_metrics.json` is newer than its `config.json`, itself the same config, is not trained again;
-any other resumes from its checkpoints. After each point, `<workdir>/sweep_summary.md` and
-`sweep_summary.csv` rank the finished points by `metrics.selection_metric(config)`, mean and
-standard deviation over seeds, with a column for every evaluated split's accuracy. With
-`config.num_seeds` > 1 each run trains several seeds at once and every one of them counts.
+`learning_rate=0.001,batch_size=32`, and then draws its report. A seed that is finished,
+everything its run writes there (`unfinished`), is not trained again; any other resumes from its
+checkpoints, so a killed, preempted or requeued sweep goes on where it stopped. After each run,
+`<workdir>/sweep_summary.md` and `sweep_summary.csv` rank the finished points by
+`metrics.selection_metric(config)`, mean and standard deviation over seeds, with a column for
+every evaluated split's accuracy. With `config.num_seeds` > 1 each run trains several seeds at
+once and every one of them counts.
+
+A scheduler fans a sweep out: each of its tasks runs the same command with a `Share` of the runs
+(`--sweep_shard=i/n`, or a SLURM array task's own), and every task's summary covers all runs
+finished so far, whichever task writes it last. The scheduler decides what runs where and when;
+this module only picks a task's runs and writes whole files.
 """
 
 from __future__ import annotations
@@ -120,31 +126,113 @@ def point_config(
   return result
 
 
-def _is_finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
-  """Whether `run_dir` holds a run of `config` whose final metrics came after its config.
+@dataclasses.dataclass(frozen=True)
+class Share:
+  """The runs one of several processes trains: of the sweep's runs in order (each point's seeds
+  in turn), those whose position is `index` modulo `count`."""
 
-  Training writes `config.json` when it starts and `final_metrics.json` when it ends, so older
-  final metrics beside a newer config are those of an earlier, shorter run.
+  index: int = 0
+  count: int = 1
+
+  def __str__(self) -> str:
+    return f"{self.index}/{self.count}"
+
+
+def parse_share(text: str) -> Share:
+  """`--sweep_shard=i/n`: share `i` (from 0) of `n`."""
+  index, _, count = text.partition("/")
+  if not (index.strip().isdigit() and count.strip().isdigit()) or not (
+      0 <= int(index) < int(count)):
+    raise SweepError(f"--sweep_shard={text} is not i/n with 0 <= i < n, e.g. --sweep_shard=0/4")
+  return Share(int(index), int(count))
+
+
+def array_share(task_id: str | None, task_count: str | None, task_min: str | None,
+                task_max: str | None, task_step: str | None) -> Share:
+  """The share of a SLURM array task, from its `SLURM_ARRAY_TASK_{ID,COUNT,MIN,MAX,STEP}` (all
+  None outside an array: the whole sweep). Its tasks must form a range, such as `--array=0-7`,
+  `--array=1-8%2` or `--array=0-14:2`, so that each task knows its place from its own id."""
+  if task_id is None:
+    return Share()
+  try:
+    task, count, low, high = (int(value) for value in (task_id, task_count, task_min, task_max))
+    step = int(task_step or 1)
+  except (TypeError, ValueError):
+    raise SweepError(
+        f"SLURM_ARRAY_TASK_ID is {task_id} but SLURM_ARRAY_TASK_COUNT, _MIN or _MAX is missing or "
+        "not a number; submit with sbatch --array=0-<N-1>, or give --sweep_shard=i/n") from None
+  if step < 1 or (high - low) % step or (high - low) // step + 1 != count or (task - low) % step:
+    raise SweepError(
+        f"SLURM array task {task} is one of {count} tasks with ids {low} to {high} that do not "
+        "form a range; submit with sbatch --array=0-<N-1> (a %limit is fine), or give each "
+        "task --sweep_shard=i/n")
+  return Share((task - low) // step, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One seed of one point: its directory (relative to the sweep's workdir) and config."""
+
+  point: Point
+  number: int  # The point's, from 1.
+  seed: int
+  config: ml_collections.ConfigDict
+
+  @property
+  def name(self) -> str:
+    return os.path.join(self.point.name, f"seed_{self.seed}")
+
+
+def sweep_runs(config: ml_collections.ConfigDict, points: Sequence[Point]) -> list[Run]:
+  """Every seed of every point, in order, its config checked (a bad point fails at once)."""
+  return [Run(point, number, seed, point_config(config, {**point.overrides, "seed": seed}))
+          for number, point in enumerate(points, 1) for seed in point.seeds]
+
+
+def unfinished(run_dir: str, config: ml_collections.ConfigDict) -> str | None:
+  """None when `run_dir` holds a finished run of `config`, else what is missing, in a few words.
+
+  A run is finished when everything it writes is there: `config.json` (this config),
+  `final_metrics.json` (readable, and not older than the config: training writes the config when
+  it starts and the final metrics when it ends, so older final metrics are those of an earlier,
+  shorter run), then `predictions.npz` and `report.md`, each not older than the final metrics.
   """
   try:
-    same_config = rundir.read_config(run_dir) == rundir.config_dict(config)
-    return same_config and (os.path.getmtime(os.path.join(run_dir, rundir.FINAL_METRICS))
-                            >= os.path.getmtime(os.path.join(run_dir, rundir.CONFIG)))
-  except (OSError, rundir.RunFileError):
-    return False
+    if rundir.read_config(run_dir) != rundir.config_dict(config):
+      return f"{rundir.CONFIG} is of another config"
+  except rundir.RunFileError:
+    return "not trained"
+  path = lambda name: os.path.join(run_dir, name)
+  try:
+    final_time = os.path.getmtime(path(rundir.FINAL_METRICS))
+  except OSError:
+    return "not finished"
+  if final_time < os.path.getmtime(path(rundir.CONFIG)):
+    return f"{rundir.FINAL_METRICS} is older than {rundir.CONFIG}"
+  try:
+    rundir.read_final(run_dir)
+  except rundir.RunFileError as e:
+    return str(e)
+  for name in (rundir.PREDICTIONS, rundir.REPORT):
+    try:
+      if os.path.getmtime(path(name)) < final_time:
+        return f"{name} is older than {rundir.FINAL_METRICS}"
+    except OSError:
+      return f"no {name}"
+  return None
 
 
-def seed_results(point_dir: str, seeds: Sequence[int]) -> list[dict[str, Any]] | None:
-  """The final metrics of every model of a point, or None while any of its runs is unfinished.
+def seed_results(workdir: str, runs: Sequence[Run]) -> list[dict[str, Any]] | None:
+  """The final metrics of every model of a point's runs, or None while any is unfinished.
 
   A run with `config.num_seeds` > 1 trained several models in one program: its
   `final_metrics.json` holds `<name>_per_seed` lists, one value per model; the run's own numbers
   (`train_time_s`) go with each of its models.
   """
   results = []
-  for seed in seeds:
-    run_dir = os.path.join(point_dir, f"seed_{seed}")
-    if not os.path.exists(os.path.join(run_dir, rundir.FINAL_METRICS)):
+  for run in runs:
+    run_dir = os.path.join(workdir, run.name)
+    if unfinished(run_dir, run.config) is not None:
       return None
     final = rundir.read_final(run_dir)
     per_seed = {key[:-len("_per_seed")]: values for key, values in final.items()
@@ -165,12 +253,12 @@ def aggregate(results: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
   return row
 
 
-def summary_rows(workdir: str, points: Sequence[Point], metric: str
+def summary_rows(workdir: str, points: Sequence[Point], runs: Sequence[Run], metric: str
                  ) -> tuple[list[dict[str, Any]], list[str]]:
   """One row per finished point, best `metric` first, and the accuracies the rows hold."""
   rows, accuracies = [], [metric]
   for point in points:
-    results = seed_results(os.path.join(workdir, point.name), point.seeds)
+    results = seed_results(workdir, [run for run in runs if run.point.name == point.name])
     if results is not None:
       accuracies = metrics.ranking_fields(results)
       rows.append({"point": point.name, **point.overrides, "seeds": len(results),
@@ -178,11 +266,11 @@ def summary_rows(workdir: str, points: Sequence[Point], metric: str
   return sorted(rows, key=lambda row: (-row[f"{metric}_mean"], row["point"])), accuracies
 
 
-def write_summary(
-    workdir: str, points: Sequence[Point], rows: Sequence[dict[str, Any]], metric: str,
+def summary_texts(
+    points: Sequence[Point], rows: Sequence[dict[str, Any]], metric: str,
     accuracies: Sequence[str], title: str,
-) -> None:
-  """`sweep_summary.csv` (every number) and `sweep_summary.md` (a ranked table) in `workdir`."""
+) -> dict[str, str]:
+  """`sweep_summary.csv` (every number) and `sweep_summary.md` (a ranked table), by name."""
   fields = list(dict.fromkeys(key for point in points for key in point.overrides))
   columns = ["point", *fields, "seeds"] + [
       f"{name}_{stat}" for name in [*accuracies, "train_time_s"] for stat in ("mean", "std")
@@ -191,7 +279,6 @@ def write_summary(
   writer = csv.DictWriter(table, columns, restval="")
   writer.writeheader()
   writer.writerows(rows)
-  rundir.write_text(os.path.join(workdir, SUMMARY_CSV), table.getvalue())
 
   def cell(row, name, scale=100, digits=2):
     mean, std = row[f"{name}_mean"] * scale, row[f"{name}_std"] * scale
@@ -216,7 +303,28 @@ def write_summary(
     values += [cell(row, name) for name in accuracies]
     values += [cell(row, "train_time_s", scale=1, digits=1), str(row["seeds"])]
     lines.append(f"| {rank} | " + " | ".join(values) + " |")
-  rundir.write_text(os.path.join(workdir, SUMMARY_MD), "\n".join(lines) + "\n")
+  return {SUMMARY_CSV: table.getvalue(), SUMMARY_MD: "\n".join(lines) + "\n"}
+
+
+def write_summary(workdir: str, points: Sequence[Point], runs: Sequence[Run], metric: str,
+                  title: str) -> list[dict[str, Any]]:
+  """Writes the summary of every run finished in `workdir`; returns its rows.
+
+  Several processes may sweep one workdir, each its share: each writes the summary after each of
+  its runs, whole (rundir.write_text). Whichever writes last must not leave out a run that
+  another finished meanwhile, so the summary is read again after it is written until it holds
+  every finished run: runs only ever become finished, and each process's last summary comes
+  after its own runs finished.
+  """
+  written = None
+  while True:
+    rows, accuracies = summary_rows(workdir, points, runs, metric)
+    texts = summary_texts(points, rows, metric, accuracies, title)
+    if texts == written:
+      return rows
+    for name, text in texts.items():
+      rundir.write_text(os.path.join(workdir, name), text)
+    written = texts
 
 
 def run_sweep(
@@ -226,34 +334,55 @@ def run_sweep(
     *,
     title: str = "",
     allow_config_change: bool = False,
+    share: Share = Share(),
 ) -> list[dict[str, Any]]:
-  """Trains every seed of every point not yet finished; returns the summary's rows.
+  """Trains every unfinished seed of every point in `share`; returns the summary's rows.
 
-  Every point's config is checked before anything trains, so a bad point fails at once.
+  Every point's config is checked before anything trains, so a bad point fails at once. A seed
+  that is not finished (see `unfinished`) trains, resuming from its checkpoints where it has
+  any, and draws its report.
   """
   points = group_points(sweep, config.seed)
-  point_configs = {
-      (point.name, seed): point_config(config, {**point.overrides, "seed": seed})
-      for point in points for seed in point.seeds
-  }
+  runs = sweep_runs(config, points)
+  mine = runs[share.index::share.count]
   metric = metrics.selection_metric(config)
+  writes = parallel.is_main_process()  # Which alone writes the runs' final metrics.
+  if share.count > 1:
+    print(f"sweep: share {share}: {len(mine)} of the {len(runs)} runs", flush=True)
   os.makedirs(workdir, exist_ok=True)
-  for number, point in enumerate(points, 1):
-    for seed in point.seeds:
-      run_dir = os.path.join(workdir, point.name, f"seed_{seed}")
-      if _is_finished(run_dir, point_configs[point.name, seed]):
-        print(f"sweep: point {number}/{len(points)} {point.name} seed {seed}: finished, skipped",
-              flush=True)
-        continue
-      print(f"sweep: point {number}/{len(points)} {point.name} seed {seed} -> {run_dir}",
-            flush=True)
-      state, _ = train.train_and_evaluate(
-          point_configs[point.name, seed], run_dir, allow_config_change=allow_config_change
-      )
-      training.after_training(point_configs[point.name, seed], run_dir, state)
-    rows, accuracies = summary_rows(workdir, points, metric)
-    if parallel.is_main_process():  # Which alone writes the runs' final metrics.
-      write_summary(workdir, points, rows, metric, accuracies, title or workdir)
-  print(f"sweep: {len(points)} points; summary in {os.path.join(workdir, SUMMARY_MD)}",
-        flush=True)
+  for run in mine:
+    run_dir = os.path.join(workdir, run.name)
+    where = f"sweep: point {run.number}/{len(points)} {run.point.name} seed {run.seed}"
+    reason = unfinished(run_dir, run.config)
+    if reason is None:
+      print(f"{where}: finished, skipped", flush=True)
+      continue
+    if _unreadable_final(run_dir, reason):
+      print(f"{where}: {reason}; training it again, from its checkpoints", flush=True)
+    print(f"{where} -> {run_dir}", flush=True)
+    state, _ = train.train_and_evaluate(run.config, run_dir,
+                                        allow_config_change=allow_config_change)
+    training.after_training(run.config, run_dir, state)
+    if writes:
+      write_summary(workdir, points, runs, metric, title or workdir)
+  rows = (write_summary(workdir, points, runs, metric, title or workdir) if writes
+          else summary_rows(workdir, points, runs, metric)[0])
+  _report_damaged(workdir, runs, share)
+  print(f"sweep: {len(rows)} of {len(points)} points finished; summary in "
+        f"{os.path.join(workdir, SUMMARY_MD)}", flush=True)
   return rows
+
+
+def _report_damaged(workdir: str, runs: Sequence[Run], share: Share) -> None:
+  """One line for each run of another share whose final metrics cannot be read."""
+  for position, run in enumerate(runs):
+    run_dir = os.path.join(workdir, run.name)
+    if position % share.count != share.index and _unreadable_final(
+        run_dir, reason := unfinished(run_dir, run.config)):
+      print(f"sweep: {reason}; run share {position % share.count}/{share.count} of this sweep "
+            "again (--sweep_shard, or its array task) to train it again", flush=True)
+
+
+def _unreadable_final(run_dir: str, reason: str | None) -> bool:
+  """Whether `unfinished` found the run's final metrics there but could not read them."""
+  return reason is not None and reason.startswith(os.path.join(run_dir, rundir.FINAL_METRICS))
