@@ -159,3 +159,88 @@ def test_a_config_file_without_get_sweep_is_refused(tmp_path):
   assert result.stderr.strip() == (
       f"mnist_jax: {config_file} defines no get_sweep(arg=None), which --mode=sweep needs")
   assert not (tmp_path / "unused").exists()
+
+
+def test_shares_of_a_sweep_come_from_the_flag_or_a_slurm_array():
+  assert sweep.parse_share("1/4") == sweep.Share(1, 4)
+  assert sweep.array_share(None, None, None, None, None) == sweep.Share(0, 1)
+  assert sweep.array_share("3", "4", "0", "3", None) == sweep.Share(3, 4)
+  assert sweep.array_share("5", "8", "1", "8", None) == sweep.Share(4, 8)  # --array=1-8%2.
+  assert sweep.array_share("6", "4", "0", "6", "2") == sweep.Share(3, 4)  # --array=0-6:2.
+  for text in ("4/4", "1", "a/2", "-1/2", "", "1/0"):
+    with pytest.raises(sweep.SweepError, match=r"is not i/n with 0 <= i < n"):
+      sweep.parse_share(text)
+  with pytest.raises(sweep.SweepError, match="do not form a range; submit with sbatch --array"):
+    sweep.array_share("5", "3", "1", "7", None)  # --array=1,5,7.
+  with pytest.raises(sweep.SweepError, match="SLURM_ARRAY_TASK_COUNT, _MIN or _MAX is missing"):
+    sweep.array_share("0", None, None, None, None)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode=sweep", "--sweep_shard=2/2"],
+     "--sweep_shard=2/2 is not i/n with 0 <= i < n, e.g. --sweep_shard=0/4"),
+    (["--sweep_shard=0/2"], "--sweep_shard is for --mode=sweep, not --mode=train"),
+])
+def test_a_bad_share_is_one_line_before_anything_trains(tmp_path, flags, message):
+  result = main_in_process(*flags, f"--config={SMOKE}:smoke", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode != 0
+  assert result.stderr.strip() == f"mnist_jax: {message}", result.stderr
+  assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_shares_train_every_run_once_and_a_seed_is_finished_only_with_everything_it_writes(
+    tmp_path, monkeypatch, capsys, fast_runs
+):
+  del fast_runs
+  config = load_config("lr_batch_sweep", "smoke")
+  config.batch_size = 512
+  points = [{"learning_rate": lr, "seed": seed} for lr in (1e-3, 3e-3) for seed in (0, 1)]
+  trained = []
+  real_train = train.train_and_evaluate
+
+  def counting_train(config, workdir, **kwargs):
+    trained.append(os.path.relpath(workdir, tmp_path))
+    return real_train(config, workdir, **kwargs)
+
+  monkeypatch.setattr(train, "train_and_evaluate", counting_train)
+  rows = sweep.run_sweep(config, str(tmp_path), points, share=sweep.Share(1, 2))
+  assert trained == ["learning_rate=0.001/seed_1", "learning_rate=0.003/seed_1"]
+  assert rows == []  # No point has all its seeds yet.
+  assert "0 of 2 points finished" in (tmp_path / "sweep_summary.md").read_text()
+  rows = sweep.run_sweep(config, str(tmp_path), points, share=sweep.Share(0, 2))
+  runs = sweep.sweep_runs(config, sweep.group_points(points, config.seed))
+  assert sorted(trained) == sorted(run.name for run in runs)  # Each run once.
+  summary = (tmp_path / "sweep_summary.csv").read_text()
+  assert len(rows) == 2 and len(_csv_rows(tmp_path)) == 2
+  assert sweep.run_sweep(config, str(tmp_path), points) == rows and len(trained) == 4
+  assert (tmp_path / "sweep_summary.csv").read_text() == summary
+  capsys.readouterr()
+
+  # A seed killed while it drew its report, one whose report is of an earlier run, and one whose
+  # final metrics were cut short: each is trained again (a resume: no epoch trains), not counted.
+  run_dirs = [tmp_path / name for name in trained]
+  (run_dirs[0] / "report.md").unlink()
+  old = os.path.getmtime(run_dirs[1] / "final_metrics.json") - 60
+  os.utime(run_dirs[1] / "predictions.npz", (old, old))
+  final = run_dirs[2] / "final_metrics.json"
+  final.write_text(final.read_text()[:40])
+  assert sweep.run_sweep(config, str(tmp_path), points) == rows
+  assert trained[4:] == [os.path.relpath(d, tmp_path) for d in sorted(run_dirs[:3])]
+  out = capsys.readouterr().out
+  damaged = [line for line in out.splitlines() if "is damaged" in line]
+  assert len(damaged) == 1 and damaged[0].endswith("training it again, from its checkpoints")
+  assert "epoch 1/1" not in out and out.count("resuming from checkpoint") == 3
+  assert (tmp_path / "sweep_summary.csv").read_text() == summary
+  runs = sweep.sweep_runs(config, sweep.group_points(points, config.seed))
+  assert all(sweep.unfinished(str(tmp_path / run.name), run.config) is None for run in runs)
+
+  # Another share's damaged run is named, with the share that trains it again.
+  final.write_text("{")
+  rows = sweep.run_sweep(config, str(tmp_path), points, share=sweep.Share(1, 2))
+  share = next(i % 2 for i, run in enumerate(runs) if tmp_path / run.name == run_dirs[2])
+  assert share == 0 and len(rows) == 1
+  lines = [line for line in capsys.readouterr().out.splitlines() if "is damaged" in line]
+  assert lines == [f"sweep: {final} is damaged (not JSON: Expecting property name enclosed in "
+                   "double quotes: line 1 column 2 (char 1)); run share 0/2 of this sweep again "
+                   "(--sweep_shard, or its array task) to train it again"]
