@@ -1,6 +1,7 @@
 """On a real one-node SLURM (slurm_cluster.py): `srun` training, array sweeps, requeued runs.
 
-Skipped, with the reason, where SLURM is neither installed nor installable (not root, no apt).
+Skipped, with the reason, where SLURM is neither installed nor installable (not root, no apt);
+failed instead where `MNIST_JAX_REQUIRE_SLURM` is set, as CI (.ci/run) sets it.
 """
 
 import csv
@@ -13,7 +14,6 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from mnist_jax import train
 from mnist_jax.studies import predict
 from mnist_jax.tools import sweep
 from slurm_cluster import SlurmCluster, install_reason
@@ -27,6 +27,8 @@ TWO_DEVICES = "--xla_force_host_platform_device_count=2"
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
   reason = install_reason()
+  if reason and os.environ.get("MNIST_JAX_REQUIRE_SLURM"):  # Set by .ci/run.
+    pytest.fail(reason)
   if reason:
     pytest.skip(reason)
   cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
@@ -114,15 +116,23 @@ def test_an_array_sweep_trains_each_run_once_and_sums_up_as_one_process(slurm, t
     assert sweep.unfinished(str(tmp_path / "array" / run.name), run.config) is None
 
 
-def test_a_run_requeued_in_the_middle_resumes_to_the_same_bits(slurm, tmp_path):
-  config = load_config("seed_mlp", "smoke")
-  config.num_epochs = 4
-  flags = [f"--config={os.path.join(REPO, 'experiments', 'seed_mlp.py')}:smoke",
-           f"--config.num_epochs={config.num_epochs}"]
-  output = tmp_path / "job.out"
-  job = slurm.sbatch("--requeue", "--open-mode=append", f"--chdir={REPO}", f"--output={output}",
-                     "--wrap", " ".join(["exec", *MAIN, *flags, f"--workdir={tmp_path / 'run'}"]))
-  metrics = tmp_path / "run" / "metrics.jsonl"
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_run_requeued_in_the_middle_resumes_to_the_same_bits(slurm, tmp_path, tasks):
+  num_epochs = 4
+  command = [*MAIN, f"--config={os.path.join(REPO, 'experiments', 'seed_mlp.py')}:smoke",
+             f"--config.num_epochs={num_epochs}", f"--config.batch_size={PARALLEL_BATCH}"]
+  if tasks > 1:  # srun starts the processes; jax.distributed finds them through SLURM.
+    command = ["srun", *command, "--multihost"]
+
+  def submit(name, *options):
+    return slurm.sbatch(f"--ntasks={tasks}", f"--chdir={REPO}", f"--output={tmp_path / name}.out",
+                        *options, "--wrap", " ".join(["exec", *command,
+                                                       f"--workdir={tmp_path / name}"]))
+
+  reference = submit("uninterrupted")
+  job = submit("requeued", "--requeue", "--open-mode=append")
+  output = tmp_path / "requeued.out"
+  metrics = tmp_path / "requeued" / "metrics.jsonl"
   slurm.wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 300,
                  f"the first epoch of job {job}: {_job_output(output)}")
   result = slurm.run("scontrol", "requeue", job)
@@ -131,23 +141,27 @@ def test_a_run_requeued_in_the_middle_resumes_to_the_same_bits(slurm, tmp_path):
   slurm.wait_for(lambda: slurm.job_states(job).get(job) == "PENDING", 120,
                  f"job {job} to be requeued: {_job_output(output)}")
   assert slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
-  states = slurm.wait(job, timeout_s=300)
+  for name, job_id in (("uninterrupted", reference), ("requeued", job)):
+    states = slurm.wait(job_id, timeout_s=400)
+    assert states == {job_id: "COMPLETED"}, f"{states}\n{_job_output(tmp_path / f'{name}.out')}"
   log = _job_output(output)
-  assert states == {job: "COMPLETED"}, f"{states}\n{log}"
-  assert "stopped by SIGTERM after epoch" in log and "resuming from checkpoint" in log, log
-  stopped_after = int(log.split("stopped by SIGTERM after epoch ")[1].split(";")[0])
-  assert 1 <= stopped_after < config.num_epochs, log
+  stops = [int(line.split(" after epoch ")[1].split(";")[0]) for line in log.splitlines()
+           if line.startswith("mnist_jax: stopped by SIGTERM after epoch ")]
+  assert len(stops) == tasks and len(set(stops)) == 1, log  # Every process after the same epoch.
+  assert 1 <= stops[0] < num_epochs and "resuming from checkpoint" in log, log
+  assert "Gloo" not in log and log.count(f"epoch {num_epochs}/{num_epochs} ") == 1, log
 
-  state, final = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
-  requeued = predict.load(str(tmp_path / "run"), "latest").state
-  for (path, leaf), other in zip(jax.tree_util.tree_leaves_with_path(requeued.params),
-                                 jax.tree.leaves(state.params)):
+  runs = {name: tmp_path / name for name in ("uninterrupted", "requeued")}
+  params = {name: predict.load(str(path), "latest").state.params for name, path in runs.items()}
+  for (path, leaf), other in zip(jax.tree_util.tree_leaves_with_path(params["requeued"]),
+                                 jax.tree.leaves(params["uninterrupted"])):
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(other), err_msg=str(path))
   timeless = lambda record: {key: value for key, value in record.items()
                              if not key.endswith(("time_s", "times_s", "_per_s"))}
-  assert timeless(json.loads((tmp_path / "run" / "final_metrics.json").read_text())) == timeless(
-      final)
-  history = [timeless(json.loads(line)) for line in metrics.read_text().splitlines()]
-  reference = (tmp_path / "uninterrupted" / "metrics.jsonl").read_text().splitlines()
-  assert history == [timeless(json.loads(line)) for line in reference]
-
+  finals, histories = {}, {}
+  for name, path in runs.items():
+    finals[name] = timeless(json.loads((path / "final_metrics.json").read_text()))
+    histories[name] = [timeless(json.loads(line))
+                       for line in (path / "metrics.jsonl").read_text().splitlines()]
+  assert finals["requeued"] == finals["uninterrupted"]
+  assert histories["requeued"] == histories["uninterrupted"] and len(histories["requeued"]) == 4

@@ -454,13 +454,15 @@ class TrainingCheckpoints:
     """
     epoch = history[-1]["epoch"]
     last = last or epoch == self.config.num_epochs
-    if last or epoch % self.every == 0 or self._stop_signal is not None:
+    # Every process of a multi-host run stops after the same epoch, whichever had the signal.
+    signum = self._stop_signal or signal.SIGTERM
+    stop = parallel.any_process(self._stop_signal is not None)
+    if last or epoch % self.every == 0 or stop:
       self._save(state, history)
-    if self._stop_signal is not None and not last:
-      name = signal.Signals(self._stop_signal).name
+    if stop and not last:
       raise Stopped(
-          f"stopped by {name} after epoch {epoch}; checkpoint {int(state.step)} saved in "
-          f"{checkpoint_dir(self.workdir)}", self._stop_signal,
+          f"stopped by {signal.Signals(signum).name} after epoch {epoch}; checkpoint "
+          f"{int(state.step)} saved in {checkpoint_dir(self.workdir)}", signum,
       )
 
   def _save(self, state: Any, history: list[dict[str, Any]]) -> None:

@@ -12,9 +12,10 @@ all draw the same epoch permutations from the same keys.
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,8 +44,8 @@ def initialize_distributed(
   """Joins this process to the others through `jax.distributed.initialize`.
 
   Arguments left as None are detected by JAX where it knows the cluster (Cloud TPU, SLURM, Open
-  MPI). CPU processes exchange collectives through gloo, connected here, before training
-  prints its first line. Must run before any other JAX call.
+  MPI). CPU processes exchange collectives through gloo, whose chatter on stdout is dropped.
+  Must run before any other JAX call.
   Where not every process has joined after `timeout_s`, exits with one line (JAX itself would
   abort with a C++ stack trace, which no Python code can catch).
   """
@@ -61,6 +62,7 @@ def initialize_distributed(
       os._exit(1)  # pylint: disable=protected-access  # The main thread is blocked in C++.
 
   threading.Thread(target=give_up, daemon=True).start()
+  _drop_gloo_lines()
   try:
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
@@ -77,29 +79,47 @@ def initialize_distributed(
     raise ParallelError(f"jax.distributed.initialize failed ({first_line}){hint}") from e
   finally:
     joined.set()
-  _connect_quietly()
 
 
-def _connect_quietly() -> None:
-  """Runs the first collective of all processes, where gloo connects them, keeping its
-  "[Gloo] Rank <i> is connected to <n> peer ranks" off the terminal: its C++ writes that line
-  straight to the stdout file descriptor, and no setting turns it off. Anything else written
-  meanwhile is passed on."""
-  if jax.process_count() == 1:
-    return
+_GLOO_LINE = b"[Gloo] "
+
+
+def _drop_gloo_lines() -> None:
+  """Keeps gloo's "[Gloo] Rank <i> is connected to <n> peer ranks" lines off the terminal.
+
+  Its C++ writes one straight to the stdout file descriptor for each group of devices it
+  connects, at the first collective of that group, and no setting turns them off. So file
+  descriptor 1 becomes a pipe, and a thread passes on every other byte as it comes; at exit the
+  real stdout is put back and the thread passes on what is left. stderr is not touched.
+  """
+  read_fd, write_fd = os.pipe()
+  stdout_fd = os.dup(1)
   sys.stdout.flush()
-  with tempfile.TemporaryFile() as captured:
-    stdout_fd = os.dup(1)
-    os.dup2(captured.fileno(), 1)
-    try:
-      multihost_utils.sync_global_devices("mnist_jax joined")
-    finally:
-      sys.stdout.flush()
-      os.dup2(stdout_fd, 1)
-      os.close(stdout_fd)
-    captured.seek(0)
-    kept = b"".join(line for line in captured if not line.startswith(b"[Gloo] "))
-  os.write(1, kept)
+  os.dup2(write_fd, 1)
+  os.close(write_fd)
+
+  def forward() -> None:
+    pending = b""
+    while chunk := os.read(read_fd, 65536):
+      *lines, pending = (pending + chunk).split(b"\n")
+      kept = b"".join(line + b"\n" for line in lines if not line.startswith(_GLOO_LINE))
+      if pending and not _GLOO_LINE.startswith(pending[:len(_GLOO_LINE)]):
+        kept, pending = kept + pending, b""  # Not gloo's: a partial line goes on at once.
+      if kept:
+        os.write(stdout_fd, kept)
+    if pending and not pending.startswith(_GLOO_LINE):
+      os.write(stdout_fd, pending)
+    os.close(read_fd)
+
+  thread = threading.Thread(target=forward, name="mnist_jax stdout", daemon=True)
+  thread.start()
+
+  def restore() -> None:
+    sys.stdout.flush()
+    os.dup2(stdout_fd, 1)  # Closes the pipe's last write end: the thread reads to its end.
+    thread.join(timeout=10)
+
+  atexit.register(restore)
 
 
 # Flags `set_xla_flags` adds unless `XLA_FLAGS` names them already; each reaches one backend.
@@ -218,6 +238,13 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process; every process must ask at the same point."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def main_process_first(fn: Callable[..., Any], *args: Any) -> Any:
   """`fn(*args)` on the first process, then on all others.
 
@@ -227,8 +254,23 @@ def main_process_first(fn: Callable[..., Any], *args: Any) -> Any:
   if jax.process_count() == 1:
     return fn(*args)
   result = fn(*args) if is_main_process() else None
-  multihost_utils.sync_global_devices(f"mnist_jax {fn.__name__}")
+  _wait_for_all(f"mnist_jax {fn.__name__}")
   return result if is_main_process() else fn(*args)
+
+
+_BARRIERS = itertools.count()
+
+
+def _wait_for_all(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process gets here, up to `timeout_s`.
+
+  Through jax.distributed's coordination service, as orbax's barriers do, not a collective: gloo
+  gives up on a process that has not come after 30 s, and the work that the others wait for here
+  (preparing a dataset on a loaded machine) can take longer.
+  """
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel  # No public barrier.
+
+  distributed.global_state.client.wait_at_barrier(f"{name} {next(_BARRIERS)}", timeout_s * 1000)
 
 
 def local_copy(tree: Any) -> Any:
