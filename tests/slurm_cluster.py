@@ -1,6 +1,6 @@
 """A real one-node SLURM for tests: Debian's slurmctld, slurmd and munged, started in a directory.
 
-`SlurmCluster.start(directory)` writes a minimal `slurm.conf` for this host (no cgroups, no
+`SlurmCluster(directory).start()` writes a minimal `slurm.conf` for this host (no cgroups, no
 accounting, the host's name as its one node with 2 CPUs, one partition), a munge key and socket of
 its own, starts `munged`, `slurmctld` and `slurmd` on free ports, and waits until the node takes
 jobs; `stop()` ends exactly the daemons it started, by their process ids. Commands run with
@@ -25,14 +25,14 @@ import time
 from collections.abc import Callable
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "sacct")
+COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
 NODE_CPUS = 2
 
 _installed: str | None | bool = False  # False: not tried yet; None: installed; str: why not.
 
 
 def _missing() -> list[str]:
-  return [command for command in COMMANDS[:-1] if shutil.which(command) is None
+  return [command for command in COMMANDS if shutil.which(command) is None
           and not os.path.exists(f"/usr/sbin/{command}")]
 
 
@@ -134,10 +134,9 @@ class SlurmCluster:
       f.write(text)
 
   def _start(self, *command: str) -> None:
-    log = open(self.path(f"{os.path.basename(command[0])}.out"), "w", encoding="utf-8")  # pylint: disable=consider-using-with
-    self._daemons.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                          env=self.env(), start_new_session=True))
-    log.close()
+    with open(self.path(f"{os.path.basename(command[0])}.out"), "w", encoding="utf-8") as log:
+      self._daemons.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env(), start_new_session=True))
 
   def start(self, timeout_s: float = 60) -> None:
     """Writes the config, starts the three daemons in the foreground of their own sessions, and

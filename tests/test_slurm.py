@@ -17,7 +17,7 @@ from conftest import REPO, load_config
 from mnist_jax.studies import predict
 from mnist_jax.tools import sweep
 from slurm_cluster import SlurmCluster, install_reason
-from test_parallel import PARALLEL_BATCH, _by_device, _free_port, _smoke_flags, _wait_for_all, _worker
+from test_parallel import PARALLEL_BATCH, _free_port, _smoke_flags, _wait_for_all, _worker
 
 pytestmark = pytest.mark.slow
 MAIN = [sys.executable, "-m", "mnist_jax.main"]

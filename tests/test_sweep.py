@@ -244,3 +244,37 @@ def test_shares_train_every_run_once_and_a_seed_is_finished_only_with_everything
   assert lines == [f"sweep: {final} is damaged (not JSON: Expecting property name enclosed in "
                    "double quotes: line 1 column 2 (char 1)); run share 0/2 of this sweep again "
                    "(--sweep_shard, or its array task) to train it again"]
+
+
+def _finish(workdir, run, accuracy):
+  """A finished run's files, as training and its report leave them, without training."""
+  run_dir = os.path.join(workdir, run.name)
+  os.makedirs(run_dir, exist_ok=True)
+  rundir.write_config(run_dir, run.config)
+  rundir.write_final(run_dir, {"epoch": 1, "step": 1, "val_loss": 1.0, "val_accuracy": accuracy,
+                               "test_loss": 1.0, "test_accuracy": accuracy, "train_time_s": 1.0})
+  _files_of_a_report(run.config, run_dir, None)
+
+
+def test_the_last_summary_holds_every_run_finished_while_another_task_wrote_it(
+    tmp_path, monkeypatch
+):
+  config = load_config("lr_batch_sweep", "smoke")
+  points = sweep.group_points([{"learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)], config.seed)
+  runs = sweep.sweep_runs(config, points)
+  for run, accuracy in zip(runs[:2], (0.5, 0.75)):
+    _finish(tmp_path, run, accuracy)
+  real_write = rundir.write_text
+
+  def write_while_another_finishes(path, text):  # Another task finishes between read and write.
+    if not os.path.exists(tmp_path / runs[2].name):
+      _finish(tmp_path, runs[2], 0.25)
+    real_write(path, text)
+
+  monkeypatch.setattr(rundir, "write_text", write_while_another_finishes)
+  rows = sweep.write_summary(str(tmp_path), points, runs, "val_accuracy", "title")
+  assert [row["val_accuracy_mean"] for row in rows] == [0.75, 0.5, 0.25]
+  assert [row["point"] for row in _csv_rows(tmp_path)] == [row["point"] for row in rows]
+  assert "3 of 3 points finished" in (tmp_path / "sweep_summary.md").read_text()
+  assert sorted(os.listdir(tmp_path)) == sorted(  # No temporary files left.
+      [sweep.SUMMARY_CSV, sweep.SUMMARY_MD, *(run.point.name for run in runs)])
