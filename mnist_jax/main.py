@@ -29,7 +29,7 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 if __name__ == "__main__":
-  # Ctrl-C ends the command with one line, from here on: the imports below take a second.
+  # Ctrl-C ends the command with one line from here on, during the slow imports below too.
   # Training stops at the end of an epoch instead (checkpoints.py), and restores this after.
   signal.signal(signal.SIGINT, _interrupted)
 

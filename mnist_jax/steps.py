@@ -95,8 +95,8 @@ def summarize_eval(sums: Metrics) -> Metrics:
 def epoch_order(epoch_rng: jax.Array, num_examples: int) -> np.ndarray:
   """The order in which an epoch visits the examples: a permutation drawn from the epoch's key.
 
-  NumPy shuffles 60,000 indices on the host in under a millisecond. `jax.random.permutation`
-  sorts twice on the device, which XLA:CPU does slowly: 13% of a seed-MLP epoch on two cores.
+  NumPy shuffles the indices on the host at little cost; `jax.random.permutation` sorts twice on
+  the device, which XLA:CPU does slowly (docs/2026-11-30-results.md, "Speed").
   With one key a seed (`epoch_rng` of shape `[S, 2]`), one permutation a seed, `[S, N]`.
   """
   keys = np.asarray(epoch_rng)

@@ -88,7 +88,7 @@ def held_out_split(config: ml_collections.ConfigDict) -> str | None:
 
   Not a slice of the training split: the model has learnt those examples, so it is right and
   sure of itself there, and a temperature fitted there sharpens its probabilities; for the seed
-  recipe that made the test NLL and ECE worse (WORKSPACE.md, "Calibration, attacks ...").
+  recipe that made the test NLL and ECE worse (docs/2026-12-01-studies.md).
   """
   if not config.validation_fraction:
     return None
