@@ -94,6 +94,20 @@ class OneOf:
     return f"one of {list(self.choices)}"
 
 
+@dataclasses.dataclass(frozen=True)
+class OfType:
+  """A field that holds any value of some types, described by `what`."""
+
+  types: tuple[type, ...]
+  what: str
+
+  def __contains__(self, value: Any) -> bool:
+    return isinstance(value, self.types)
+
+  def __str__(self) -> str:
+    return self.what
+
+
 class DatasetName:
   """A tfds dataset name, `name[/config][:version]` as tfds spells them, and nothing that could
   be read as a path: no empty name, no `/` first, no `.` or `..` part (where the files of a
@@ -126,14 +140,14 @@ class Field:
   """One config field.
 
   `default`: its value in `defaults()` (the seed recipe); `ABSENT` for a field only some configs
-  hold. `allowed`: the values `validate` lets through (None: any; a list field holds values of it
-  each). `resumable`: whether a resume may change it, because it does not change what is trained;
-  a function of the saved and the new config (flat, dotted) where that depends on other fields.
+  hold. `allowed`: the values `validate` lets through (a list field holds values of it each).
+  `resumable`: whether a resume may change it, because it does not change what is trained; a
+  function of the saved and the new config (flat, dotted) where that depends on other fields.
   `type`: the type of a field whose default is None.
   """
 
   default: Any
-  allowed: Allowed | None = None
+  allowed: Allowed
   resumable: bool | Callable[[dict[str, Any], dict[str, Any]], bool] = False
   type: type | None = None
 
@@ -146,7 +160,8 @@ _BATCH = 2**20
 # (`model_args.hidden_sizes`), whose fields are those of the model `config.model` names.
 FIELDS: dict[str, Field] = {
     "dataset": Field("mnist", DatasetName()),
-    "data_dir": Field(None, type=str, resumable=True),  # tfds' default, or TFDS_DATA_DIR.
+    "data_dir": Field(None, OfType((str, type(None)), "a directory or None (tfds' default, or "
+                                   "TFDS_DATA_DIR)"), resumable=True, type=str),
     # Or "stream": chunks from host memory (for data too big for it). Both train the same bits.
     "input_pipeline": Field("device", OneOf(("device", "stream")), resumable=True),
     # After dividing by 255 (pixels in [0, 1]); MNIST's own statistics are 0.1307 and 0.3081.
@@ -155,7 +170,7 @@ FIELDS: dict[str, Field] = {
 
     "model": Field("mlp", OneOf(tuple(sorted(models.MODELS)))),
     "model_args.hidden_sizes": Field((128,), Range(1, 2**16, integer=True)),  # mlp.
-    "model_args.activation": Field("relu"),  # A function of flax.linen.
+    "model_args.activation": Field("relu", OfType((str,), "the name of a function of flax.linen")),
     "model_args.dropout_rate": Field(0.0, Range(0, 1, high_open=True)),
     "model_args.features": Field(ABSENT, Range(1, 2**12, integer=True)),  # cnn.
     "model_args.dense_size": Field(ABSENT, Range(1, 2**16, integer=True)),  # cnn.
@@ -169,7 +184,7 @@ FIELDS: dict[str, Field] = {
     "batch_size": Field(32, Range(1, _BATCH, integer=True)),
     # A power of two divides among any power-of-two device count.
     "eval_batch_size": Field(1024, Range(1, _BATCH, integer=True)),
-    # At least one: a run of none would write a checkpoint-less workdir that nothing reads.
+    # At least one: a run of none trains nothing and leaves no checkpoint to evaluate.
     "num_epochs": Field(10, Range(1, _EPOCHS, integer=True), resumable=_under_constant_rate),
     "seed": Field(0, Range(0, _INT32, integer=True)),
     # Models trained at once (vmap), seeds seed .. seed + num_seeds - 1.
@@ -251,7 +266,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_shape(config)
   for name, field in FIELDS.items():
     present, value = _field(config, name)
-    if not present or field.allowed is None:
+    if not present:
       continue
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values or not all(v in field.allowed for v in values):
@@ -297,9 +312,9 @@ def check_validation_split(config: ml_collections.ConfigDict, num_train: int) ->
   sqrt(0.98 * 0.02 / n), passes 0.44 points: wider than what separates a run's later epochs, so
   the "best" checkpoint is a draw. And a temperature is pinned by the few examples the model gets
   wrong or is unsure of, about 20 at 98% of 1,000 and none at all in a split of 6, where the fit
-  sharpens every probability. Drawn from the seed recipe's 6,000 validation examples (WORKSPACE.md,
-  "Validation splits"), subsets of 1,000 never fitted a temperature that made the test NLL worse than none; of
-  600, 300 and 100, 6%, 14% and 36% of them did.
+  sharpens every probability. Drawn from the seed recipe's 6,000 validation examples
+  (WORKSPACE.md, "Validation splits"), subsets of 1,000 never fitted a temperature that made the
+  test NLL worse than none; of 600, 300 and 100, 6%, 14% and 36% of them did.
   """
   held_out = validation_examples(num_train, config.validation_fraction)
   if config.validation_fraction and held_out < MIN_VALIDATION_EXAMPLES:

@@ -99,7 +99,8 @@ def test_a_field_is_added_by_one_declaration(monkeypatch):
   assert saved["label_smoothing"] == 0.0
   config.label_smoothing = 2.0
   with pytest.raises(configs.ConfigError,
-                     match=r"^config\.label_smoothing must be a finite number in \[0, 1\], got 2.0$"):
+                     match=r"^config\.label_smoothing must be a finite number in \[0, 1\], "
+                           r"got 2.0$"):
     configs.validate(config)
   config.label_smoothing = 0.1
   configs.validate(config)
@@ -146,7 +147,8 @@ def test_a_missing_field_is_named_whichever_it_is():
     top = name.split(".")[0]
     config = configs.defaults().to_dict()
     del config[top]
-    with pytest.raises(configs.ConfigError, match=rf"^the config lacks 1 of its 24 fields \({top}\)"):
+    with pytest.raises(configs.ConfigError,
+                       match=rf"^the config lacks 1 of its 24 fields \({top}\)"):
       configs.validate(ml_collections.ConfigDict(config))
 
 
@@ -181,7 +183,8 @@ def test_a_dataset_name_that_is_a_path_or_no_name_is_refused_as_such(name):
   assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("fraction, held_out", [(1e-6, 0), (1e-4, 6), (1 / 60_000, 1), (0.0166, 996)])
+@pytest.mark.parametrize("fraction, held_out",
+                         [(1e-6, 0), (1e-4, 6), (1 / 60_000, 1), (0.0166, 996)])
 def test_a_validation_split_too_small_to_rank_checkpoints_is_refused(fraction, held_out):
   config = configs.defaults()
   config.validation_fraction = fraction
@@ -206,6 +209,26 @@ def test_a_validation_split_of_the_minimum_or_none_passes():
   with pytest.raises(configs.ConfigError, match="use 0 for none: this training split is too small"):
     configs.check_validation_split(config, 1_500)
   assert configs.MIN_VALIDATION_EXAMPLES == 1000
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data_dir", 3,
+     "config.data_dir must be a directory or None (tfds' default, or TFDS_DATA_DIR), got 3"),
+    ("model_args.activation", None, "config.model_args.activation must be the name of a function "
+                                    "of flax.linen, got None"),
+    ("seed", None, r"config.seed must be a whole number in [0, 2,147,483,647], got None"),
+    ("model", None, "config.model must be one of ['cnn', 'mlp'], got None"),
+])
+def test_a_value_of_the_wrong_type_is_refused(field, value, message):
+  config = configs.defaults().to_dict()
+  *groups, name = field.split(".")
+  parent = config
+  for group in groups:
+    parent = parent[group]
+  parent[name] = value
+  with pytest.raises(configs.ConfigError) as raised:
+    configs.validate(ml_collections.ConfigDict(config))
+  assert str(raised.value) == message
 
 
 def test_no_epochs_is_refused():
@@ -270,6 +293,7 @@ def test_the_notebook_values_of_pixel_scaling_pass_and_infinite_ones_do_not():
 
 
 if __name__ == "__main__":
-  entries = [f"{json.dumps(name)}: {json.dumps(value)}" for name, value in resolved_configs().items()]
+  entries = [f"{json.dumps(name)}: {json.dumps(value)}"
+             for name, value in resolved_configs().items()]
   with open(RESOLVED, "w", encoding="utf-8") as f:
     f.write("{\n" + ",\n".join(entries) + "\n}\n")

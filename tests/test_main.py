@@ -82,7 +82,8 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message)
 def test_a_validation_split_too_small_to_rank_checkpoints_is_refused_before_any_work(
     tmp_path, mnist_test, args, message):
   del mnist_test  # Prepared already, as it is after the first run.
-  config = [] if any(arg.startswith("--config=") for arg in args) else ["--config=experiments/seed_mlp.py"]
+  given = any(arg.startswith("--config=") for arg in args)
+  config = [] if given else ["--config=experiments/seed_mlp.py"]
   result = main_in_process(*config, *args, f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 1
   lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -93,14 +94,16 @@ def test_a_validation_split_too_small_to_rank_checkpoints_is_refused_before_any_
 @pytest.mark.parametrize("source, message", [
     ("def get_config(arg=None):\n  return {'dataset': 'mnist'}\n",
      "returned dict, not an ml_collections.ConfigDict; start it from mnist_jax.configs.defaults()"),
-    ("def get_config(arg=None):\n  return None\n", "returned None, not an ml_collections.ConfigDict"),
+    ("def get_config(arg=None):\n  return None\n",
+     "returned None, not an ml_collections.ConfigDict"),
     ("def get_config(arg=None):\n  return ['mnist']\n", "returned list, not an"),
     ("import ml_collections\ndef get_config(arg=None):\n"
      "  return ml_collections.ConfigDict({'dataset': 'mnist'})\n",
      "the config lacks 23 of its 24 fields (data_dir, input_pipeline, pixel_mean, pixel_std, model, "
      "...); start get_config from mnist_jax.configs.defaults() and set what differs"),
     ("from mnist_jax import configs\ndef get_config(arg=None):\n  config = configs.defaults()\n"
-     "  del config['model_args']\n  return config\n", "the config lacks 1 of its 24 fields (model_args)"),
+     "  del config['model_args']\n  return config\n",
+     "the config lacks 1 of its 24 fields (model_args)"),
     ("from mnist_jax import configs\ndef get_config(arg=None):\n  config = configs.defaults()\n"
      "  config.lerning_rate = 0.1\n  return config\n", "unknown config field 'lerning_rate'"),
     ("def get_config(arg=None):\n  raise ValueError('first line\\nsecond line\\nthird line')\n",
@@ -112,7 +115,8 @@ def test_a_validation_split_too_small_to_rank_checkpoints_is_refused_before_any_
     ("import no_such_module_here\n",
      "the config file raised ModuleNotFoundError: No module named 'no_such_module_here' (at "),
     ("def get_config(arg=None)\n  return None\n", "the config file is not Python: expected ':'"),
-    ("import sys\ndef get_config(arg=None):\n  sys.exit(3)\n", "the config file called sys.exit(3)"),
+    ("import sys\ndef get_config(arg=None):\n  sys.exit(3)\n",
+     "the config file called sys.exit(3)"),
     ("import sys\nsys.exit(0)\n", "the config file called sys.exit(0)"),
     ("import sys\ndef get_config(arg=None):\n  sys.exit('bye')\n", "called sys.exit('bye')"),
 ])
@@ -126,5 +130,6 @@ def test_a_config_file_of_the_wrong_shape_is_one_line_and_a_nonzero_exit(tmp_pat
   assert lines[0].startswith("mnist_jax: ") and message in lines[0], lines[0]
   assert "second" not in lines[0] and result.stdout == ""
   if "(at " in message:  # Where in the file it was raised.
-    assert lines[0].endswith(f"(at {path}:{source.count(chr(10)) if 'import no' not in source else 1})")
+    line = 1 if source.startswith("import no") else source.count("\n")  # The last line raises.
+    assert lines[0].endswith(f"(at {path}:{line})")
   assert not os.path.exists(tmp_path / "run")
