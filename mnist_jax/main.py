@@ -20,6 +20,7 @@ import re
 import shlex
 import signal
 import sys
+import sysconfig
 import traceback
 from typing import Any
 
@@ -107,9 +108,9 @@ def _config_file_line(error: BaseException) -> str | None:
   frames = traceback.extract_tb(error.__traceback__)
   loader = [i for i, frame in enumerate(frames) if frame.name == "parse"
             and frame.filename.endswith(os.path.join("config_flags", "config_flags.py"))]
-  library = os.path.dirname(os.path.dirname(config_flags.__file__))
-  for frame in frames[loader[0] + 1:] if loader else []:
-    if not (frame.filename.startswith(library) or frame.filename.startswith("<")):
+  libraries = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")})
+  for frame in frames[loader[0] + 1:] if loader else []:  # The first frame that is no library's.
+    if not frame.filename.startswith((*libraries, "<")):
       relative = os.path.relpath(frame.filename)
       return f"{frame.filename if relative.startswith('..') else relative}:{frame.lineno}"
   return None

@@ -49,8 +49,6 @@ def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
          "config.dataset '../..' is not a dataset name"),
 
         (["--config=experiments/seed_mlp.py:huge"], "unknown variant 'huge'"),
-        (["--config=experiments/seed_mlp.py", "--config.batch_size=100000"],
-         "config.batch_size 100000 is larger than the 60000 training examples"),
         (["--workdir_typo=x"], "Unknown command line flag 'workdir_typo'"),
         # A flag for another mode would be ignored.
         (["--mode=eval", "--images=a.png"], "--images is for --mode=predict, not --mode=eval"),
@@ -78,8 +76,10 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, args, message)
     (["--config.validation_fraction=0.0166"], "holds out 996 of the 60,000 training examples"),
     (["--config=experiments/lr_batch_sweep.py:smoke", "--config.validation_fraction=0.0001",
       "--mode=sweep"], "holds out 6 of the 60,000 training examples"),
+    (["--config.batch_size=100000"],
+     "config.batch_size 100000 is larger than the 60000 training examples"),
 ])
-def test_a_validation_split_too_small_to_rank_checkpoints_is_refused_before_any_work(
+def test_what_the_training_split_cannot_hold_is_refused_before_any_work(
     tmp_path, mnist_test, args, message):
   del mnist_test  # Prepared already, as it is after the first run.
   given = any(arg.startswith("--config=") for arg in args)
