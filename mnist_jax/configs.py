@@ -16,7 +16,7 @@ import os
 import re
 import types
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import ml_collections
 
@@ -46,13 +46,7 @@ def sibling(this_file: str, name: str, arg: str | None = None) -> ml_collections
 
 
 # ---------------------------------------------------------------------------------------------
-# What a field may hold.
-
-
-class Allowed(Protocol):
-  """The values a field may hold: `value in allowed`, and `str(allowed)` says which they are."""
-
-  def __contains__(self, value: Any) -> bool: ...
+# What a field may hold: `value in allowed`, and `str(allowed)` says which values those are.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +141,7 @@ class Field:
   """
 
   default: Any
-  allowed: Allowed
+  allowed: Range | OneOf | OfType | DatasetName
   resumable: bool | Callable[[dict[str, Any], dict[str, Any]], bool] = False
   type: type | None = None
 
@@ -299,12 +293,6 @@ def check_new(config: ml_collections.ConfigDict) -> None:
 MIN_VALIDATION_EXAMPLES = 1000
 
 
-def validation_examples(num_train: int, validation_fraction: float) -> int:
-  """How many of `num_train` training examples `validation_fraction` holds out (as
-  `data.holdout_splits` splits them)."""
-  return round(num_train * validation_fraction) if validation_fraction else 0
-
-
 def check_validation_split(config: ml_collections.ConfigDict, num_train: int) -> None:
   """Refuses a validation split too small to rank checkpoints or fit a temperature.
 
@@ -316,7 +304,7 @@ def check_validation_split(config: ml_collections.ConfigDict, num_train: int) ->
   (WORKSPACE.md, "Validation splits"), subsets of 1,000 never fitted a temperature that made the
   test NLL worse than none; of 600, 300 and 100, 6%, 14% and 36% of them did.
   """
-  held_out = validation_examples(num_train, config.validation_fraction)
+  held_out = round(num_train * config.validation_fraction)  # As `data.holdout_splits` holds out.
   if config.validation_fraction and held_out < MIN_VALIDATION_EXAMPLES:
     least = math.ceil((MIN_VALIDATION_EXAMPLES - 0.5) / num_train * 1e4) / 1e4
     use = (f"use {least:g} or more, or 0 for none" if least < 0.5 else
