@@ -16,9 +16,12 @@ imported when that mode runs (eval and predict load no plotting, TensorBoard or 
 import ast
 import logging as std_logging
 import os
+import re
 import shlex
 import signal
 import sys
+import sysconfig
+import traceback
 from typing import Any
 
 
@@ -33,6 +36,7 @@ if __name__ == "__main__":
   # Training stops at the end of an epoch instead (checkpoints.py), and restores this after.
   signal.signal(signal.SIGINT, _interrupted)
 
+import ml_collections  # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
@@ -98,8 +102,34 @@ _MULTIHOST_TIMEOUT = flags.DEFINE_integer(
 )
 
 
-def _one_line(error: Exception) -> str:
-  """The gist of an exception from absl or ml_collections, on one line."""
+def _config_file_line(error: BaseException) -> str | None:
+  """`path:line` in the config file where `error` was raised, if the file (or code it called)
+  raised it while config_flags loaded it; None for absl's and ml_collections' own errors."""
+  frames = traceback.extract_tb(error.__traceback__)
+  loader = [i for i, frame in enumerate(frames) if frame.name == "parse"
+            and frame.filename.endswith(os.path.join("config_flags", "config_flags.py"))]
+  libraries = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")})
+  for frame in frames[loader[0] + 1:] if loader else []:  # The first frame that is no library's.
+    if not frame.filename.startswith((*libraries, "<")):
+      relative = os.path.relpath(frame.filename)
+      return f"{frame.filename if relative.startswith('..') else relative}:{frame.lineno}"
+  return None
+
+
+def _one_line(error: BaseException) -> str:
+  """The gist of an exception from absl, ml_collections or a config file, on one line."""
+  root = error
+  while (root.__cause__ or root.__context__) is not None:
+    root = root.__cause__ or root.__context__
+  where = _config_file_line(root)
+  if where:  # Its first line: a config file's error can span many.
+    locked = re.search(r'Key "(\w+)" does not exist and cannot be added', str(root))
+    first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+    gist = (f"unknown config field {locked[1]!r}" if locked else
+            f"{type(root).__name__}{': ' if first else ''}{first}")
+    return f"the config file raised {gist} (at {where})"
+  if isinstance(root, SyntaxError):
+    return f"the config file is not Python: {root.msg} ({root.filename}, line {root.lineno})"
   text = str(error).strip()
   while text[:1] in ("'", '"'):  # ml_collections nests the repr of a KeyError in its message.
     try:
@@ -115,15 +145,35 @@ def _one_line(error: Exception) -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, and loading the config file, with any mistake told in one line."""
+  """absl's parsing, loading the config file and checking its fields, with any mistake told in
+  one line: a file that fails to load, raises, exits, or returns anything but a whole config."""
+  logging.set_verbosity(logging.ERROR)  # config_flags warns of a get_config returning None.
   try:
     remaining = flags.FLAGS(argv)
-    if _CONFIG.value is not None:
-      _CONFIG.value.keys()  # A file that failed to load raises only when it is first read.
+    config = _CONFIG.value
+    if type(config).__name__ == "_ErrorConfig":  # A file that failed to load raises when read.
+      config.keys()
+  except SystemExit as e:  # --help exits so too; a config file must not.
+    if not _config_file_line(e):
+      raise
+    sys.exit(f"mnist_jax: bad flags: the config file called sys.exit({e.code!r}) (at "
+             f"{_config_file_line(e)}); get_config returns an ml_collections.ConfigDict")
   except Exception as e:  # A config file can fail in any way; each is the user's to fix.
     sys.exit(f"mnist_jax: bad flags: {_one_line(e)}")
   if len(remaining) > 1:
     sys.exit(f"mnist_jax: unexpected arguments: {' '.join(remaining[1:])}")
+  if flags.FLAGS["config"].present:
+    from mnist_jax import configs  # pylint: disable=import-outside-toplevel
+
+    filename = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not isinstance(config, ml_collections.ConfigDict):
+      sys.exit(f"mnist_jax: bad flags: get_config of {filename} returned "
+               f"{type(config).__name__ if config is not None else 'None'}, not an "
+               "ml_collections.ConfigDict; start it from mnist_jax.configs.defaults()")
+    try:
+      configs.check_new(config)
+    except configs.ConfigError as e:
+      sys.exit(f"mnist_jax: {e}")
   return remaining
 
 

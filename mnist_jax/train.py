@@ -34,8 +34,10 @@ def stopped_early(history: list[dict[str, Any]], metric: str, patience: int) -> 
 
 
 def run_splits(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Split name -> tfds split string: train, test and, with a validation fraction, val."""
+  """Split name -> tfds split string: train, test and, with a validation fraction, val; a
+  validation split too small to rank checkpoints is refused (`configs.check_validation_split`)."""
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  configs.check_validation_split(config, num_train)
   train, val = data.holdout_splits(num_train, config.validation_fraction)
   return {"train": train, **({"val": val} if val else {}), "test": "test"}
 

@@ -115,6 +115,7 @@ def point_config(
       raise SweepError(f"the sweep sets config.{key} to {value!r}: {e}") from e
   try:
     configs.validate(result)
+    train.run_splits(result)  # Refuses a validation split too small to rank the points.
   except configs.ConfigError as e:
     raise SweepError(f"sweep point {point_name(overrides)}: {e}") from e
   return result
