@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, load_config, main_in_process
-from mnist_jax import configs, data, pipelines, steps, train
-from mnist_jax.run import checkpoints, rundir
+from mnist_jax import configs, data, metrics, pipelines, steps, train
+from mnist_jax.run import checkpoints, guard, rundir
 from mnist_jax.studies import predict
 
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
@@ -32,9 +32,24 @@ def _fresh_state(config):
   return steps.create_train_state(config, INFO, jax.random.PRNGKey(config.seed), 100)
 
 
+def _training(workdir, config, **kwargs):
+  """The checkpoints of a training run in `workdir`, wired as train.py wires them."""
+  return checkpoints.TrainingCheckpoints(
+      str(workdir), config, selection_metric=metrics.selection_metric(config),
+      check_record=metrics.check_record,
+      config_changes=lambda saved: configs.config_changes(saved, config), **kwargs)
+
+
+def _restore(workdir, which="best"):
+  """Restores as predict.load does, into a fresh state of the saved config."""
+  return checkpoints.restore(str(workdir), lambda config, meta: _fresh_state(config), which,
+                             check_record=metrics.check_record,
+                             selection_metric=metrics.selection_metric)
+
+
 def _save_epochs(workdir, config, accuracies):
   """Resumes `workdir` and saves one fake epoch per accuracy; returns the last state saved."""
-  with checkpoints.TrainingCheckpoints(str(workdir), config) as ckpts:
+  with _training(workdir, config) as ckpts:
     state, history = ckpts.resume(_fresh_state(config), META)
     for accuracy in accuracies:
       epoch = len(history) + 1
@@ -61,11 +76,11 @@ def test_save_then_resume_restores_every_leaf_bitwise(tmp_path, mnist_train):
   for _ in range(3):  # Adam's moments and count become non-trivial.
     state, _ = jax.jit(steps.train_step)(state, batch)
   history = [_record(1, 3, 0.5)]
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     ckpts.resume(_fresh_state(config), META)
     ckpts.end_of_epoch(state, history)
 
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     restored, restored_history = ckpts.resume(_fresh_state(config), META)
   assert restored_history == history
   assert int(restored.step) == 3
@@ -90,12 +105,11 @@ def test_retention_keeps_the_best_and_the_newest(tmp_path):
   config = _config(keep_checkpoints=2)
   _save_epochs(tmp_path, config, [0.5, 0.9, 0.6, 0.7, 0.65])
   assert _steps(tmp_path) == [200, 400, 500]  # Epoch 2 (the best), then the newest two.
-  template = lambda config, meta: _fresh_state(config)
-  assert checkpoints.restore(str(tmp_path), template, "best").meta["epoch"] == 2
-  assert checkpoints.restore(str(tmp_path), template, "latest").meta["epoch"] == 5
-  assert checkpoints.restore(str(tmp_path), template, "400").meta["epoch"] == 4
+  assert _restore(tmp_path, "best").meta["epoch"] == 2
+  assert _restore(tmp_path, "latest").meta["epoch"] == 5
+  assert _restore(tmp_path, "400").meta["epoch"] == 4
   with pytest.raises(checkpoints.CheckpointError, match=r"one of the steps \[200, 400, 500\]"):
-    checkpoints.restore(str(tmp_path), template, "300")
+    _restore(tmp_path, "300")
 
 
 def test_what_killed_saves_left_is_gone_before_the_run_goes_on(tmp_path):
@@ -104,12 +118,11 @@ def test_what_killed_saves_left_is_gone_before_the_run_goes_on(tmp_path):
   directory = checkpoints.checkpoint_dir(str(tmp_path))
   for name in ("200.orbax-checkpoint-tmp-1796139338", "300.orbax-checkpoint-tmp"):
     os.makedirs(os.path.join(directory, name, "state"))  # As a save killed midway leaves it.
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config):
+  with _training(tmp_path, config):
     # Gone at once, not by a thread of orbax's own that would still be listing the directory
     # while the run loads its data.
     assert sorted(os.listdir(directory)) == ["100"]
-  assert checkpoints.restore(str(tmp_path), lambda config, meta: _fresh_state(config),
-                             "latest").meta["epoch"] == 1
+  assert _restore(tmp_path, "latest").meta["epoch"] == 1
 
 
 def test_checkpoint_every_n_epochs_and_at_the_end(tmp_path):
@@ -131,7 +144,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
   _save_epochs(tmp_path, config, [0.1, 0.2, 0.3])
   _damage(tmp_path, 300)
   capsys.readouterr()
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     state, history = ckpts.resume(_fresh_state(config), META)
   err = capsys.readouterr().err
   assert "checkpoint 300" in err and "cannot be restored" in err and "using checkpoint 200" in err
@@ -148,7 +161,7 @@ def test_no_readable_checkpoint_is_an_error_that_touches_nothing(tmp_path):
   _damage(tmp_path, 100)
   _damage(tmp_path, 200)
   with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in .* can be restored"):
-    with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+    with _training(tmp_path, config) as ckpts:
       ckpts.resume(_fresh_state(config), META)
   assert _steps(tmp_path) == [100, 200]
 
@@ -159,7 +172,7 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
   changed.model_args.hidden_sizes = (64,)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"changed: learning_rate, model_args\.hidden_sizes\).*--allow_config"):
-    with checkpoints.TrainingCheckpoints(str(tmp_path), changed) as ckpts:
+    with _training(tmp_path, changed) as ckpts:
       ckpts.resume(_fresh_state(changed), META)
 
   # More epochs under a constant learning rate continue the same run.
@@ -168,7 +181,7 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
 
   # The explicit flag resumes under a new learning rate.
   faster = _config(learning_rate=0.01, num_epochs=20)
-  with checkpoints.TrainingCheckpoints(str(tmp_path), faster, allow_config_change=True) as ckpts:
+  with _training(tmp_path, faster, allow_config_change=True) as ckpts:
     _, history = ckpts.resume(_fresh_state(faster), META)
   assert len(history) == 2
 
@@ -192,14 +205,14 @@ def test_num_epochs_counts_as_a_change_under_a_schedule_over_the_run(tmp_path):
   _save_epochs(tmp_path, _config(lr_schedule="cosine"), [0.1])
   longer = _config(lr_schedule="cosine", num_epochs=20)
   with pytest.raises(checkpoints.CheckpointError, match=r"changed: num_epochs\)"):
-    with checkpoints.TrainingCheckpoints(str(tmp_path), longer) as ckpts:
+    with _training(tmp_path, longer) as ckpts:
       ckpts.resume(_fresh_state(longer), META)
 
 
 def test_a_second_training_run_in_the_same_workdir_refuses(tmp_path):
-  with checkpoints.TrainingCheckpoints(str(tmp_path), _config()):
-    with pytest.raises(checkpoints.CheckpointError, match="in use by a training run"):
-      with checkpoints.TrainingCheckpoints(str(tmp_path), _config()):
+  with _training(tmp_path, _config()):
+    with pytest.raises(guard.WorkdirInUse, match="in use by a training run"):
+      with _training(tmp_path, _config()):
         pass
     result = main_in_process("--config=experiments/seed_mlp.py:smoke", f"--workdir={tmp_path}")
   assert result.returncode != 0
@@ -217,15 +230,15 @@ def test_a_run_saved_by_version_0_1_0_evaluates_and_resumes(tmp_path):
   model = predict.load(str(workdir), "latest")
   assert (model.step, model.meta["epoch"], list(model.config.model_args.hidden_sizes)) == (936, 2, [8])
   saved = model.meta["history"][-1]
-  metrics = pipelines.evaluate_test_split(model.config, model.state)
+  test = pipelines.evaluate_test_split(model.config, model.state)
   # Other CPUs round differently: at most a few of the 10,000 examples may change sides.
-  assert abs(float(metrics["accuracy"]) - saved["test_accuracy"]) <= 3e-4
-  np.testing.assert_allclose(float(metrics["loss"]), saved["test_loss"], rtol=1e-3)
+  assert abs(float(test["accuracy"]) - saved["test_accuracy"]) <= 3e-4
+  np.testing.assert_allclose(float(test["loss"]), saved["test_loss"], rtol=1e-3)
 
   config = model.config.copy_and_resolve_references()
   config.num_epochs = 3
   _, final = train.train_and_evaluate(config, str(workdir))
-  history = rundir.read_history(str(workdir))
+  history = rundir.read_history(str(workdir), metrics.check_record)
   assert [record["epoch"] for record in history] == [1, 2, 3]
   assert history[:2] == model.meta["history"]
   assert final["step"] == 3 * 468 and final["test_accuracy"] > saved["test_accuracy"] - 0.01
@@ -252,24 +265,23 @@ def _flip_byte(path, offset):
 def test_a_flipped_bit_in_any_array_file_is_one_warning_and_a_fallback(tmp_path, capsys, caplog):
   config = _config()
   _save_epochs(tmp_path, config, [0.1, 0.9])
-  template = lambda config, meta: _fresh_state(config)
   for path in _array_files(tmp_path, 200):  # Every array file, at its middle byte.
     original = open(path, "rb").read()
     _flip_byte(path, len(original) // 2)
     try:
-      model = checkpoints.restore(str(tmp_path), template, "best")
+      model = _restore(tmp_path, "best")
       if model.step == 200:  # Orbax read the same values back: the byte held no array data.
         continue
     finally:
       open(path, "wb").write(original)
     assert model.step == 100 and "cannot be restored" in capsys.readouterr().err
-  params = checkpoints.restore(str(tmp_path), template, "best").state.params
+  params = _restore(tmp_path, "best").state.params
   assert params["Dense_0"]["kernel"].shape == (784, 128)
 
   path = _array_files(tmp_path, 200)[-1]  # The largest: the first layer's kernel.
   _flip_byte(path, os.path.getsize(path) // 2)
   capsys.readouterr()
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     state, history = ckpts.resume(_fresh_state(config), META)
   err = capsys.readouterr().err
   assert "checkpoint 200" in err and "differ from their saved digests: params/Dense_0/kernel" in err
@@ -308,10 +320,9 @@ def test_a_damaged_meta_or_config_item_is_a_damaged_checkpoint(tmp_path, capsys,
   with open(tmp_path / "checkpoints" / "200" / item, "w") as f:
     f.write(text)
   capsys.readouterr()
-  template = lambda config, meta: _fresh_state(config)
-  assert checkpoints.restore(str(tmp_path), template, "best").step == 100  # Not the damaged best.
+  assert _restore(tmp_path, "best").step == 100  # Not the damaged best.
   assert "checkpoint 200" in capsys.readouterr().err
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     state, _ = ckpts.resume(_fresh_state(config), META)
   assert int(state.step) == 100 and os.path.isdir(tmp_path / "checkpoints_unreadable" / "200")
 
@@ -323,8 +334,7 @@ def test_a_damaged_metrics_item_neither_misleads_eval_nor_stops_training(tmp_pat
   with open(tmp_path / "checkpoints" / "200" / "metrics" / "metrics", "w") as f:
     f.write(text)
   # "best" is ranked by the checked meta item, so orbax's own copy of the metric does not count.
-  template = lambda config, meta: _fresh_state(config)
-  assert checkpoints.restore(str(tmp_path), template, "best").step == 200
+  assert _restore(tmp_path, "best").step == 200
   capsys.readouterr()
   _save_epochs(tmp_path, config, [0.6])  # Orbax's retention would trip on it: set aside first.
   assert "moved unreadable checkpoint 200" in capsys.readouterr().err
