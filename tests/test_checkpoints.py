@@ -339,3 +339,73 @@ def test_a_damaged_metrics_item_neither_misleads_eval_nor_stops_training(tmp_pat
   _save_epochs(tmp_path, config, [0.6])  # Orbax's retention would trip on it: set aside first.
   assert "moved unreadable checkpoint 200" in capsys.readouterr().err
   assert _steps(tmp_path) == [100, 300, 400]
+
+
+def _swap(workdir, step_a, step_b, item=None):
+  """Swaps two step directories (or one item of theirs) by hand, as a user might."""
+  root = workdir / "checkpoints"
+  a, b = (root / str(step) / (item or "") for step in (step_a, step_b))
+  os.rename(a, root / "swap")
+  os.rename(b, a)
+  os.rename(root / "swap", b)
+
+
+@pytest.mark.parametrize("item", [None, "state", "meta"])
+def test_a_step_directory_holding_another_step_is_damaged(tmp_path, capsys, item):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.5, 0.9])
+  _swap(tmp_path, 200, 300, item)
+  capsys.readouterr()
+  assert _restore(tmp_path, "latest").step == 100
+  err = capsys.readouterr().err
+  assert "checkpoint 300" in err and "checkpoint 200" in err and "using checkpoint 100" in err
+  if item is None:  # Its meta item names the step it belongs to.
+    assert "(it holds step 200 (epoch 2), not step 300)" in err
+  assert _restore(tmp_path, "best").step == 100  # Neither the contents of 300 (0.9) nor of 200.
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoint 200: "):
+    _restore(tmp_path, "200")
+
+  # A resume sets both aside, trains on from 100, and its saves of 200 and 300 are written.
+  state = _save_epochs(tmp_path, config, [0.6, 0.7])
+  assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["200", "300"]
+  assert _steps(tmp_path) == [100, 200, 300]
+  restored = _restore(tmp_path, "latest")
+  assert (restored.step, restored.meta["history"][-1]["test_accuracy"]) == (300, 0.7)
+  jax.tree.map(np.testing.assert_array_equal, restored.state.params, state.params)
+
+
+def test_older_checkpoints_of_other_steps_are_set_aside_on_resume(tmp_path, capsys):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.5, 0.9])
+  _swap(tmp_path, 100, 200)
+  capsys.readouterr()
+  _save_epochs(tmp_path, config, [0.95])  # Resumes from 300, the newest, which is whole.
+  err = capsys.readouterr().err
+  assert "checkpoint 100 in" in err and "not step 100); setting it aside" in err
+  assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["100", "200"]
+  assert _steps(tmp_path) == [300, 400]
+
+
+def test_two_swapped_checkpoints_and_no_other_are_refused_touching_nothing(tmp_path):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.5])
+  _swap(tmp_path, 100, 200)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"checkpoint 200: it holds step 100 \(epoch 1\), not step 200; "
+                           r"checkpoint 100: it holds step 200"):
+    _save_epochs(tmp_path, config, [0.6])
+  assert _steps(tmp_path) == [100, 200] and not os.path.exists(tmp_path / "checkpoints_unreadable")
+
+
+def test_a_save_that_cannot_be_written_is_an_error_not_a_silent_skip(tmp_path):
+  config = _config()
+  state = _save_epochs(tmp_path, config, [0.1, 0.5, 0.9])
+  before = {name: sorted(os.listdir(tmp_path / "checkpoints" / name)) for name in ("200", "300")}
+  with _training(tmp_path, config) as ckpts:
+    for step in (200, 300):  # orbax's save returns False for a step not past its latest.
+      with pytest.raises(checkpoints.CheckpointError,
+                         match=f"checkpoint {step} cannot be written to .* already holds "
+                               f"checkpoint 300"):
+        ckpts.end_of_epoch(state.replace(step=jnp.int32(step)), [_record(2, step, 0.99)])
+  assert {name: sorted(os.listdir(tmp_path / "checkpoints" / name)) for name in before} == before
+  assert _restore(tmp_path, "best").meta["history"][-1]["test_accuracy"] == 0.9
