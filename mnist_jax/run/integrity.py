@@ -126,7 +126,9 @@ def check_array_store(state_dir: str) -> None:
   except ValueError as e:  # tensorstore's error for unreadable and corrupt data alike.
     file = re.search(r'local file "([^"]+)"', str(e))
     where = f" in {os.path.relpath(file[1], os.path.dirname(state_dir))}" if file else ""
-    what = "fails its checksum" if "checksum" in str(e) else f"cannot be read ({describe(e)})"
+    node = re.search(r"Error decoding b-tree node: (.*)", _first_line(e))
+    what = ("fails its checksum" if "checksum" in str(e) else
+            f"is damaged ({_cut(node[1])})" if node else f"cannot be read ({describe(e)})")
     raise Damaged(f"the index of its arrays {what}{where}") from None
 
 
@@ -139,17 +141,19 @@ def check_fits(state_dir: str, template: Any) -> None:
                ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)))}
   wanted = {_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
             for path, leaf in jax.tree_util.tree_leaves_with_path(template)}
-  only_saved, only_wanted = sorted(saved.keys() - wanted.keys()), sorted(wanted.keys() - saved.keys())
+  params_first = lambda path: (not path.startswith("params/"), path)
+  only_saved = sorted(saved.keys() - wanted.keys(), key=params_first)
+  only_wanted = sorted(wanted.keys() - saved.keys(), key=params_first)
   if only_saved or only_wanted:
     raise Damaged(
-        f"its arrays are not those of the state to restore ({len(only_saved)} saved arrays not "
-        f"in it, e.g. {(only_saved or ['none'])[0]}; {len(only_wanted)} of its arrays not saved, "
-        f"e.g. {(only_wanted or ['none'])[0]})")
-  for path in sorted(saved):
+        f"its arrays do not fit the state to restore: {len(only_saved)} saved arrays are not in "
+        f"it (e.g. {(only_saved or ['none'])[0]}), {len(only_wanted)} of its arrays are not "
+        f"saved (e.g. {(only_wanted or ['none'])[0]})")
+  for path in sorted(saved, key=params_first):
     if saved[path] != wanted[path]:
       (saved_shape, saved_dtype), (shape, dtype) = saved[path], wanted[path]
-      raise Damaged(f"its arrays are not those of the state to restore ({path} is "
-                    f"{saved_dtype}{list(saved_shape)}, not {dtype}{list(shape)})")
+      raise Damaged(f"its arrays do not fit the state to restore: {path} is "
+                    f"{saved_dtype}{list(saved_shape)} there, {dtype}{list(shape)} here")
 
 
 def verify(step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -192,8 +196,7 @@ def describe(error: BaseException) -> str:
     return str(error)
   while "See full TensorStore details" in str(error) and error.__cause__ is not None:
     error = error.__cause__
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  text = re.sub(r"\s*\[source locations=.*", "", lines[0] if lines else "")
+  text = _first_line(error)
   if "See full TensorStore details" in text:
     text = text[:text.index("See full TensorStore details")].rstrip(" .")
   key = re.search(r'Error reading "([^"/]+)/[^"]*" in OCDBT database at local file "[^"]*": (.*)',
@@ -202,6 +205,11 @@ def describe(error: BaseException) -> str:
     return f"array {key[1].replace('.', '/')} cannot be read ({_cut(key[2])})"
   text = re.sub(r'local file "([^"]*)"', lambda file: f'"{os.path.basename(file[1])}"', text)
   return f"{type(error).__name__}: {_cut(text)}"
+
+
+def _first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return re.sub(r"\s*\[source locations=.*", "", lines[0] if lines else "")
 
 
 def _cut(text: str) -> str:
