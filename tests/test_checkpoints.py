@@ -422,7 +422,8 @@ def test_a_foreign_checkpoint_with_allow_config_change_is_one_clean_line(tmp_pat
   other.model_args.hidden_sizes = (16,)
   _save_epochs(tmp_path / "run", config, [0.1])
   _save_epochs(tmp_path / "other", other, [0.1, 0.2])
-  shutil.copytree(tmp_path / "other" / "checkpoints" / "200", tmp_path / "run" / "checkpoints" / "200")
+  shutil.copytree(tmp_path / "other" / "checkpoints" / "200",
+                  tmp_path / "run" / "checkpoints" / "200")
   capsys.readouterr()
   with _training(tmp_path / "run", config, allow_config_change=True) as ckpts:
     state, history = ckpts.resume(_fresh_state(config), META)
@@ -459,4 +460,5 @@ def test_a_library_error_is_described_in_one_line_cut_at_a_word():
   words = " ".join(f"word{i}" for i in range(100))
   described = integrity.describe(ValueError(words + "\nsecond line"))
   assert described.startswith("ValueError: word0 word1 ") and described.endswith(" ...")
-  assert len(described) <= 220 and words.startswith(described[len("ValueError: "):-len(" ...")] + " ")
+  kept = described[len("ValueError: "):-len(" ...")]
+  assert len(described) <= 220 and words.startswith(kept + " ")  # Whole words only.

@@ -219,8 +219,7 @@ class TrainingCheckpoints:
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, selection_metric: str,
-               check_record: CheckRecord,
-               config_changes: Callable[[dict[str, Any]], list[str]],
+               check_record: CheckRecord, config_changes: Callable[[dict[str, Any]], list[str]],
                allow_config_change: bool = False):
     self.every = config.get("checkpoint_every_epochs", 1)
     self.keep = config.get("keep_checkpoints", 3)
@@ -229,13 +228,10 @@ class TrainingCheckpoints:
           f"config.checkpoint_every_epochs ({self.every}) and config.keep_checkpoints "
           f"({self.keep}) must be positive"
       )
-    self.workdir = workdir
-    self.num_epochs = config.num_epochs
-    self.selection_metric = selection_metric
-    self.check_record = check_record
+    self.workdir, self.num_epochs = workdir, config.num_epochs
     self.config = rundir.config_dict(config)
-    self.config_changes = config_changes
-    self.allow_config_change = allow_config_change
+    self.selection_metric, self.check_record = selection_metric, check_record
+    self.config_changes, self.allow_config_change = config_changes, allow_config_change
     self.meta: dict[str, Any] = {}
     self._stack = contextlib.ExitStack()
     self._signals = guard.StopSignals()
