@@ -9,6 +9,7 @@ or a metric added here shows up everywhere.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,21 @@ def key(split: str, metric: str) -> str:
 def splits_in(record: Mapping[str, Any]) -> list[str]:
   """The splits a record (or a table of records, keyed alike) has metrics for, in `SPLITS` order."""
   return [split for split in SPLITS if key(split, "loss") in record]
+
+
+def check_record(record: Any) -> dict[str, Any]:
+  """An epoch's record as read back (from a run file or a checkpoint), if it holds what this
+  module describes: a whole `epoch` and `step`, and a number for every metric of each split it
+  has; else `ValueError` saying what is wrong."""
+  if not isinstance(record, dict):
+    raise ValueError(f"an epoch is a JSON {type(record).__name__}")
+  for field in ("epoch", "step"):
+    if not isinstance(record.get(field), int) or isinstance(record.get(field), bool):
+      raise ValueError(f"an epoch without a whole number {field!r}")
+  for field in [key(split, name) for split in splits_in(record) for name in METRICS]:
+    if not isinstance(record.get(field), numbers.Real):
+      raise ValueError(f"epoch {record['epoch']}: {field} is no number")
+  return record
 
 
 def selection_metric(config: Mapping[str, Any]) -> str:

@@ -66,7 +66,10 @@ def train_and_evaluate(
         f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
     )
   with checkpoints.TrainingCheckpoints(
-      workdir, config, allow_config_change=allow_config_change
+      workdir, config, selection_metric=metrics.selection_metric(config),
+      check_record=metrics.check_record,
+      config_changes=lambda saved: configs.config_changes(saved, config),
+      allow_config_change=allow_config_change,
   ) as ckpts:
     return _train(config, workdir, ckpts, info, splits, steps_per_epoch)
 

@@ -31,7 +31,7 @@ EXPLORE_FIGURES = ("label_histogram", "first_train_images", "pixel_histograms", 
 @pytest.fixture
 def trained(two_epoch_run):
   """The session's run of two smoke epochs, and its final metrics."""
-  return two_epoch_run, rundir.read_final(str(two_epoch_run))
+  return two_epoch_run, rundir.read_final(str(two_epoch_run), metrics.check_record)
 
 
 def assert_legible_png(path):
@@ -130,7 +130,7 @@ def test_a_validation_split_shows_wherever_the_test_split_does(tmp_path):
   for tag, field in (("val/loss", "val_loss"), ("val/accuracy", "val_accuracy")):
     (event,) = events.Tensors(tag)
     assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(final[field])
-  history = training.history_columns(rundir.read_history(str(tmp_path)))
+  history = training.history_columns(rundir.read_history(str(tmp_path), metrics.check_record))
   figure = plots.learning_curves(history, metrics.splits_in(history))
   for ax in figure.axes:
     assert [line.get_label() for line in ax.get_lines()] == ["train", "val", "test"]

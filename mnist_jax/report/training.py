@@ -257,7 +257,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
   """
   try:
     config, predictions = rundir.read_config(workdir), rundir.read_predictions(workdir)
-    history = history_columns(rundir.read_history(workdir))
+    history = history_columns(rundir.read_history(workdir, metrics.check_record))
   except rundir.RunFileError as e:
     raise ReportError(f"{e}; training writes the files of a report at its end, so train to the "
                       "end first") from None

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from mnist_jax import data, steps
+from mnist_jax import configs, data, metrics, steps
 from mnist_jax.run import checkpoints, parallel
 from mnist_jax.studies import calibration, digits
 
@@ -29,6 +29,7 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
   """Restores the model of `workdir`: its "best" checkpoint, the "latest", or a step number."""
 
   def template(config, meta):
+    configs.validate(config)  # As saved, or damaged: the checks of a config file.
     # Shapes alone, laid out as the pipelines' programs take a state: whole on every device, of
     # however many devices this machine has, whatever the training machine had.
     shapes = steps.state_shapes(config, dataset_info(meta), meta["steps_per_epoch"])
@@ -36,7 +37,8 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                         shapes)
 
-  return checkpoints.restore(workdir, template, checkpoint)
+  return checkpoints.restore(workdir, template, checkpoint, check_record=metrics.check_record,
+                             selection_metric=metrics.selection_metric)
 
 
 def probabilities(

@@ -56,7 +56,7 @@ def _arrays():
 
 
 def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
-  from mnist_jax import pipelines, train  # pylint: disable=import-outside-toplevel
+  from mnist_jax import metrics, pipelines, train  # pylint: disable=import-outside-toplevel
   from mnist_jax.run import parallel, rundir  # pylint: disable=import-outside-toplevel
 
   if _CACHE_DIR.value:  # As main.py's --jax_cache_dir.
@@ -64,7 +64,7 @@ def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
   config.input_pipeline = pipeline
   with tempfile.TemporaryDirectory() as workdir:
     _, final = train.train_and_evaluate(config, workdir)
-    epoch_times = [record["epoch_time_s"] for record in rundir.read_history(workdir)]
+    epoch_times = [record["epoch_time_s"] for record in rundir.read_history(workdir, metrics.check_record)]
   examples_on_device = pipelines.CHUNK_EXAMPLES if pipeline == "stream" else 70_000
   device_data_mb = examples_on_device * (28 * 28 + 4) / 2**20
   compile_s = final["compile_times_s"].get("train", 0.0)  # Not the test split's eval program.
@@ -82,6 +82,7 @@ def _command(config) -> dict[str, Any]:
   """`python -m mnist_jax.main` on the recipe as a user runs it a second time (data prepared, and
   every program it compiles in the compilation cache from a first, untimed run): its wall time
   against the training and compiling it reports."""
+  from mnist_jax import metrics  # pylint: disable=import-outside-toplevel
   from mnist_jax.run import rundir  # pylint: disable=import-outside-toplevel
 
   del config  # Given to the command by its flags.
@@ -98,7 +99,7 @@ def _command(config) -> dict[str, Any]:
       wall_s = time.perf_counter() - start
       if result.returncode != 0:
         return {"failed": (result.stderr.strip().splitlines() or ["no output"])[-1]}
-      final = rundir.read_final(workdir)
+      final = rundir.read_final(workdir, metrics.check_record)
     return {"wall_s": wall_s, "train_s": final["train_time_s"], "compile_s": final["compile_time_s"]}
 
   first = run()

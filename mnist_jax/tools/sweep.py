@@ -147,7 +147,7 @@ def seed_results(point_dir: str, seeds: Sequence[int]) -> list[dict[str, Any]] |
     run_dir = os.path.join(point_dir, f"seed_{seed}")
     if not os.path.exists(os.path.join(run_dir, rundir.FINAL_METRICS)):
       return None
-    final = rundir.read_final(run_dir)
+    final = rundir.read_final(run_dir, metrics.check_record)
     per_seed = {key[:-len("_per_seed")]: values for key, values in final.items()
                 if key.endswith("_per_seed")}
     num_models = len(next(iter(per_seed.values()), [None]))
