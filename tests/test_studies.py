@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, load_config, main_in_process, train_and_report
-from mnist_jax import steps
-from mnist_jax.studies import attacks, calibration, digits, folders, predict
+from mnist_jax.studies import attacks, calibration, digits, predict
 
 EPS = [0.0, 0.03, 0.1, 0.2]
 
@@ -44,13 +43,13 @@ def test_ece_is_zero_where_confidence_equals_accuracy_and_the_gap_where_not():
 def test_temperature_fitted_on_samples_of_a_known_temperature_finds_it():
   rng = np.random.default_rng(0)
   logits_NC = rng.normal(0.0, 3.0, (20_000, 10)).astype(np.float32)
-  probs_NC = calibration.probabilities(logits_NC, 2.0).astype(np.float64)
+  probs_NC = calibration.softmax_with_temperature(logits_NC, 2.0).astype(np.float64)
   labels_N = np.array([rng.choice(10, p=p / p.sum()) for p in probs_NC])
   temperature = calibration.fit_temperature(logits_NC, labels_N)
   assert temperature == pytest.approx(2.0, rel=0.05)
   assert (calibration.negative_log_likelihood(logits_NC, labels_N, temperature)
           < calibration.negative_log_likelihood(logits_NC, labels_N))
-  np.testing.assert_array_equal(calibration.probabilities(logits_NC, temperature).argmax(1),
+  np.testing.assert_array_equal(calibration.softmax_with_temperature(logits_NC, temperature).argmax(1),
                                 logits_NC.argmax(1))  # Scaling never changes a prediction.
 
 
@@ -61,8 +60,8 @@ def test_attacks_start_at_the_clean_accuracy_fall_with_eps_and_pgd_is_never_weak
   result = attacks.accuracy_under_attack(
       model.state, images, labels, EPS, mean=config.pixel_mean, std=config.pixel_std,
       num_seeds=1, pgd_steps=5, batch_size=400)  # 1000 rows: the last batch is padded.
-  logits = steps.logits(model.state, images, batch_size=1000, mean=config.pixel_mean,
-                        std=config.pixel_std)
+  logits = predict.logits(model.state, images, batch_size=1000, mean=config.pixel_mean,
+                          std=config.pixel_std)
   assert result.eps == EPS
   assert result.clean_accuracy == result.fgsm_accuracy[0] == result.pgd_accuracy[0] == np.mean(
       logits.argmax(1) == labels)
@@ -146,7 +145,7 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
                                "--calibrated")
   assert calibrated.returncode == 0, calibrated.stderr
   again = json.loads((workdir / "eval" / "digits" / "results.json").read_text())
-  temperature, _ = folders.fit_temperature(model)
+  temperature, _ = predict.validation_temperature(model)
   assert again["temperature"] == temperature and again["accuracy"] == saved["accuracy"]
 
 
