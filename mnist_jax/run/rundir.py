@@ -123,7 +123,7 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record.get(field), int) or isinstance(record.get(field), bool):
       raise RunFileError(f"{where} is damaged (an epoch without a whole number {field!r})")
   for field in [metrics.key(split, name)
-                for split in metrics.splits_in(record) for name in metrics.METRICS]:
+                for split in metrics.splits_in(record) for name in metrics.NAMES]:
     if not isinstance(record[field], numbers.Real):
       raise RunFileError(f"{where} is damaged (epoch {record['epoch']}: {field} is no number)")
   return record
