@@ -272,4 +272,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   quiet.quiet_library_errors()
-  app.run(main, flags_parser=_parse_flags)
+  with interrupts.no_teardown_after_interrupt():
+    app.run(main, flags_parser=_parse_flags)
