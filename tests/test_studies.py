@@ -76,6 +76,21 @@ def test_attacks_start_at_the_clean_accuracy_fall_with_eps_and_pgd_is_never_weak
       assert moved.max() <= round(e * 255) + 1 and adversarial.dtype == np.uint8
 
 
+def test_pgd_gives_the_same_bits_whatever_steps_each_compiled_call_runs(model, mnist_test):
+  images = mnist_test.images_NHWC[:100].astype(np.float32)
+  labels = mnist_test.labels_N[:100]
+  kwargs = dict(mean=model.config.pixel_mean, std=model.config.pixel_std, num_seeds=1, steps=9)
+  one_by_one, grown = [], []
+  first = attacks.attack_batch(model.state, images, labels, 0.1, 0.03, **kwargs,
+                               chunks=attacks._Chunks(target_s=0.0, done=one_by_one.append))
+  second = attacks.attack_batch(model.state, images, labels, 0.1, 0.03, **kwargs,
+                                chunks=attacks._Chunks(target_s=1e9, done=grown.append))
+  assert one_by_one == [1] * 8 and grown == [1, 4, 3]  # PGD's 8 steps after FGSM's.
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(first[0], first[2])  # PGD moved beyond FGSM.
+
+
 def test_attack_mode_writes_its_report_and_refuses_bad_eps(workdir):
   result = main_in_process("--mode=attack", f"--workdir={workdir}", "--eps=0,0.1",
                            "--attack_examples=200", "--pgd_steps=3")
