@@ -134,9 +134,10 @@ def write_attack_report(workdir: str, result: attacks.Robustness, class_names: t
   rows = [[f"{e:g}", f"{size:.4f}" if result.pgd_steps > 1 else "-", f"{fgsm:.2%}", f"{pgd:.2%}"]
           for e, size, fgsm, pgd in zip(result.eps, result.step_sizes, result.fgsm_accuracy,
                                         result.pgd_accuracy)]
+  num, clean = result.num_examples, result.clean_accuracy
   rundir.write_text(os.path.join(out_dir, rundir.REPORT), f"""# Adversarial robustness
 
-Checkpoint {step}, the first {result.num_examples} test images; clean accuracy {result.clean_accuracy:.2%}.
+Checkpoint {step}, the first {num} test images; clean accuracy {clean:.2%}.
 L-infinity attacks in pixel units after dividing by 255, pixels kept in 0..255. FGSM: one step of
 eps along the sign of the loss gradient. PGD: that step, then {result.pgd_steps - 1} more of the
 given size, each projected back into the eps-ball; the worst iterate per image counts (with one

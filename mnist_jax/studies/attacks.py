@@ -143,7 +143,8 @@ class Robustness:
 
 
 class _Progress:
-  """A line when an attack starts, then one every `every_s` with the share done and the time left."""
+  """Called with the steps each compiled call ran; every `every_s` a line with the share of the
+  attack's steps done and the time left."""
 
   def __init__(self, total_steps: int, every_s: float, out: TextIO):
     self.total, self.every_s, self.out = total_steps, every_s, out
