@@ -79,7 +79,7 @@ def _train(
     info: data.DatasetInfo, splits: dict[str, str], steps_per_epoch: int,
 ) -> tuple[steps.TrainState, dict[str, Any]]:
   state, epoch_rngs = steps.initial_state(config, info, steps_per_epoch)
-  pipeline = pipelines.create(config, state, splits)
+  pipeline = pipelines.create_pipeline(config, state, splits)
   state = jax.device_put(state, pipeline.state_sharding)
   state, history = ckpts.resume(
       state, {"steps_per_epoch": steps_per_epoch, "dataset": dataclasses.asdict(info)}

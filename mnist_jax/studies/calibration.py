@@ -2,7 +2,7 @@
 
   ece = calibration.expected_calibration_error(probs_NC, labels_N)   # 15 equal-width bins
   temperature = calibration.fit_temperature(held_out_logits_NC, held_out_labels_N)
-  probs_NC = calibration.probabilities(logits_NC, temperature)
+  probs_NC = calibration.softmax_with_temperature(logits_NC, temperature)
 
 Confidence is the top class's probability. The bins split [0, 1] into 15 equal widths (a
 confidence of exactly 1 falls in the last); the expected calibration error (ECE) is the mean over
@@ -22,9 +22,13 @@ import ml_collections
 import numpy as np
 from jax.scipy import optimize
 
-from mnist_jax import data
+from mnist_jax import data, errors
 
 NUM_BINS = 15
+
+
+class CalibrationError(errors.UserError):
+  """A temperature that cannot be fitted, with a message that says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,8 @@ def expected_calibration_error(probs_NC: np.ndarray, labels_N: np.ndarray,
   return float(np.sum(gaps * bins.counts[filled]) / len(labels_N))
 
 
-def probabilities(logits_NC: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def softmax_with_temperature(logits_NC: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+  """`softmax(logits / temperature)`, in float32 (log-probabilities may stand for logits)."""
   return np.asarray(jax.nn.softmax(jnp.asarray(logits_NC, jnp.float32) / temperature, axis=-1))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mnist_jax.run import interrupts
 
 _SEED_MLP = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "experiments", "seed_mlp.py")
@@ -277,16 +280,29 @@ _RUNNERS = {
 }
 
 
-def _run_child(loop: str, cache_dir: str) -> dict[str, Any]:
-  result = subprocess.run(
+def _run_child(loop: str, cache_dir: str, scratch: str) -> dict[str, Any]:
+  """Runs one loop in a child process, in a session of its own: Ctrl-C reaches this process
+  alone, which then ends the child's whole process group (the `command` loop's own child too).
+  The child's temporary files go under `scratch`, which this process removes."""
+  process = subprocess.Popen(
       [sys.executable, "-m", "mnist_jax.tools.bench", *sys.argv[1:], f"--child={loop}",
        f"--cache_dir={cache_dir}"],
-      capture_output=True, text=True, check=False,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+      env={**os.environ, "TMPDIR": scratch},
   )
-  if result.returncode != 0:
-    lines = result.stderr.strip().splitlines() or ["no output"]
+  try:
+    stdout, stderr = process.communicate()
+  except BaseException:  # Interrupted: no child outlives this process.
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    process.wait()
+    raise
+  if process.returncode != 0:
+    lines = stderr.strip().splitlines() or ["no output"]
     return {"failed": lines[-1]}
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -382,11 +398,14 @@ def main(argv: list[str]) -> None:
   if config.model != "mlp":
     sys.exit("mnist_jax.bench: compares MLPs only; use an MLP config")
   results: dict[str, list[dict[str, Any]]] = {}
-  for repeat in range(_REPEATS.value):
-    with tempfile.TemporaryDirectory() as cache_dir:
-      for loop in ["matmul_floor", *_LOOPS.value]:
-        print(f"run {repeat + 1}/{_REPEATS.value}: {loop}", file=sys.stderr, flush=True)
-        results.setdefault(loop, []).append(_run_child(loop, cache_dir))
+  # The children's temporary files (their workdirs) go under one directory of this process's,
+  # removed however it ends: a child ended by Ctrl-C cannot remove its own.
+  with tempfile.TemporaryDirectory() as scratch:
+    for repeat in range(_REPEATS.value):
+      with tempfile.TemporaryDirectory() as cache_dir:
+        for loop in ["matmul_floor", *_LOOPS.value]:
+          print(f"run {repeat + 1}/{_REPEATS.value}: {loop}", file=sys.stderr, flush=True)
+          results.setdefault(loop, []).append(_run_child(loop, cache_dir, scratch))
   print(f"epochs {config.num_epochs}, batch {config.batch_size}, hidden "
         f"{tuple(config.model_args.hidden_sizes)}, {_REPEATS.value} run(s) each, medians shown")
   print(_table(results, config))
@@ -398,4 +417,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  interrupts.exit_on_interrupt("mnist_jax.bench")
+  with interrupts.no_teardown_after_interrupt():
+    app.run(main)

@@ -18,6 +18,7 @@ standard deviation over seeds, with a column for every evaluated split's accurac
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -25,15 +26,16 @@ import io
 import math
 import os
 import re
+import signal
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
 
 from mnist_jax import configs, errors, metrics, train
 from mnist_jax.report import training
-from mnist_jax.run import parallel, rundir
+from mnist_jax.run import checkpoints, parallel, rundir
 
 Overrides = dict[str, Any]
 
@@ -220,6 +222,39 @@ def write_summary(
   rundir.write_text(os.path.join(workdir, SUMMARY_MD), "\n".join(lines) + "\n")
 
 
+@contextlib.contextmanager
+def _signals_seen() -> Iterator[Any]:
+  """Yields a function that raises `checkpoints.Stopped` if SIGINT or SIGTERM arrived since it
+  was last called, however it was handled: training turns one in a run's last epoch into a normal
+  end of that run, which must still end the sweep. Python's C-level handler writes every signal
+  it catches to the wakeup file descriptor, whichever Python handler is installed."""
+  read_fd, write_fd = os.pipe()
+  for fd in (read_fd, write_fd):
+    os.set_blocking(fd, False)
+  try:
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  except ValueError:  # Not the main thread, where Python handles no signal.
+    previous = None
+
+  def stop_if_signalled(after: str) -> None:
+    try:
+      caught = os.read(read_fd, 1024)
+    except BlockingIOError:
+      return
+    stops = [signum for signum in caught if signum in (signal.SIGINT, signal.SIGTERM)]
+    if stops:
+      name = signal.Signals(stops[0]).name
+      raise checkpoints.Stopped(f"sweep stopped by {name} {after}", stops[0])
+
+  try:
+    yield stop_if_signalled
+  finally:
+    if previous is not None:
+      signal.set_wakeup_fd(previous)
+    os.close(read_fd)
+    os.close(write_fd)
+
+
 def run_sweep(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -239,22 +274,24 @@ def run_sweep(
   }
   metric = metrics.selection_metric(config)
   os.makedirs(workdir, exist_ok=True)
-  for number, point in enumerate(points, 1):
-    for seed in point.seeds:
-      run_dir = os.path.join(workdir, point.name, f"seed_{seed}")
-      if _is_finished(run_dir, point_configs[point.name, seed]):
-        print(f"sweep: point {number}/{len(points)} {point.name} seed {seed}: finished, skipped",
+  with _signals_seen() as stop_if_signalled:
+    for number, point in enumerate(points, 1):
+      for seed in point.seeds:
+        run_dir = os.path.join(workdir, point.name, f"seed_{seed}")
+        if _is_finished(run_dir, point_configs[point.name, seed]):
+          print(f"sweep: point {number}/{len(points)} {point.name} seed {seed}: finished, skipped",
+                flush=True)
+          continue
+        print(f"sweep: point {number}/{len(points)} {point.name} seed {seed} -> {run_dir}",
               flush=True)
-        continue
-      print(f"sweep: point {number}/{len(points)} {point.name} seed {seed} -> {run_dir}",
-            flush=True)
-      state, _ = train.train_and_evaluate(
-          point_configs[point.name, seed], run_dir, allow_config_change=allow_config_change
-      )
-      training.after_training(point_configs[point.name, seed], run_dir, state)
-    rows, accuracies = summary_rows(workdir, points, metric)
-    if parallel.is_main_process():  # Which alone writes the runs' final metrics.
-      write_summary(workdir, points, rows, metric, accuracies, title or workdir)
+        state, _ = train.train_and_evaluate(
+            point_configs[point.name, seed], run_dir, allow_config_change=allow_config_change
+        )
+        stop_if_signalled(f"in the last epoch of point {point.name} seed {seed}, which is saved")
+        training.after_training(point_configs[point.name, seed], run_dir, state)
+      rows, accuracies = summary_rows(workdir, points, metric)
+      if parallel.is_main_process():  # Which alone writes the runs' final metrics.
+        write_summary(workdir, points, rows, metric, accuracies, title or workdir)
   print(f"sweep: {len(points)} points; summary in {os.path.join(workdir, SUMMARY_MD)}",
         flush=True)
   return rows
