@@ -78,6 +78,8 @@ def load_image(path: str) -> np.ndarray:
       return np.asarray(ImageOps.exif_transpose(gray), np.float32)
   except FileNotFoundError:
     raise ImageError("no such file") from None
+  except PermissionError:
+    raise ImageError("permission denied") from None
   except IsADirectoryError:
     raise ImageError("is a directory, not an image") from None
   except UnidentifiedImageError:

@@ -28,13 +28,6 @@ from absl import app, flags
 from PIL import Image
 from scipy import ndimage
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's directory.")
-_EXAMPLES = flags.DEFINE_integer("examples", 200, "The first this many test digits, rendered "
-                                 "under each condition.", lower_bound=1, upper_bound=10_000)
-_OUT = flags.DEFINE_string("out", None, "Where the renderings and the table go (default: "
-                           "<workdir>/photos).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest', or a step number.")
-
 PAGE = 160
 DIGIT = 112  # The 28x28 test image, scaled 4x: the digit's 20-pixel box becomes about 80.
 PAPER, INK = 1.0, 0.12  # Reflectances.
@@ -186,14 +179,15 @@ def _main() -> None:
   from mnist_jax.run import rundir  # pylint: disable=import-outside-toplevel
   from mnist_jax.studies import predict  # pylint: disable=import-outside-toplevel
 
-  if not _WORKDIR.value:
+  values = flags.FLAGS
+  if not values.workdir:
     sys.exit("mnist_jax: --workdir is required: a trained run's directory")
-  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+  model = predict.load(values.workdir, values.checkpoint)
   if model.config.dataset != "mnist":
     sys.exit(f"mnist_jax: the renderings are of MNIST digits; this run is of {model.config.dataset}")
   test = data.load_split("mnist", "test", model.config.data_dir)
-  count = min(_EXAMPLES.value, len(test))
-  out = _OUT.value or os.path.join(_WORKDIR.value, "photos")
+  count = min(values.examples, len(test))
+  out = values.out or os.path.join(values.workdir, "photos")
   folders = write_conditions(out, test.images_NHWC[:count, ..., 0], test.labels_N[:count])
   results = {}
   for condition, folder in folders.items():
@@ -205,5 +199,16 @@ def _main() -> None:
   print(table(results), end="")
 
 
+def _define_flags() -> None:
+  # Only when run as a command: main.py, which tests import beside this module, has --workdir too.
+  flags.DEFINE_string("workdir", None, "A trained run's directory.")
+  flags.DEFINE_integer("examples", 200, "The first this many test digits, rendered under each "
+                       "condition.", lower_bound=1, upper_bound=10_000)
+  flags.DEFINE_string("out", None, "Where the renderings and the table go (default: "
+                      "<workdir>/photos).")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest', or a step number.")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
