@@ -64,7 +64,7 @@ def test_a_black_border_is_not_ink_and_the_paper_sets_the_polarity(border):
   framed = digits.mnist_like(_two_on_grey(border))
   assert _correlation(plain, framed) > 0.99
   assert np.mean(framed > 0) < 0.4  # Not a filled square.
-  light_on_dark = digits.mnist_like(255.0 - _two_on_grey(border))  # Chalk on a board, a light frame.
+  light_on_dark = digits.mnist_like(255.0 - _two_on_grey(border))  # Chalk on a board.
   assert _correlation(plain, light_on_dark) > 0.99
 
 

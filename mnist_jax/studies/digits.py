@@ -4,9 +4,10 @@
   digit_28x28 = digits.mnist_like(image_HW)        # uint8, as MNIST frames its digits
 
 MNIST digits are white on black, scaled to fit a 20x20 box (keeping their aspect ratio) and
-placed in 28x28 with their centre of mass at the centre. `mnist_like` does the same to a photo or
-drawing of one digit on a plain background, inverting it first when the background is light; for
-a model of Fashion-MNIST, as that dataset frames its photos (`FRAMINGS`).
+placed in 28x28 with their centre of mass at the centre. `mnist_like` does the same to a photo,
+scan or drawing of one digit on paper, found as a person would see it (`ink.py`: uneven light,
+shadows, frames, page edges and specks are not the digit; where there is none it says so); for a
+model of Fashion-MNIST, as that dataset frames its photos (`FRAMINGS`).
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def _texture(reflectance_HW, rng):
 def _frame(width):
   def render(reflectance_HW, rng):
     image_HW = _plain(reflectance_HW, rng)
-    image_HW[:width], image_HW[-width:], image_HW[:, :width], image_HW[:, -width:] = 10.0, 10.0, 10.0, 10.0
+    image_HW[:width], image_HW[-width:] = 10.0, 10.0
+    image_HW[:, :width], image_HW[:, -width:] = 10.0, 10.0
     return image_HW
   return render
 
@@ -145,7 +146,8 @@ def score(model, folder: str) -> dict[str, float | int]:
   total = sum(len(files) for _, _, files in os.walk(folder))
   with contextlib.redirect_stderr(io.StringIO()):  # One warning line per refused image.
     try:
-      images_NHW, labels_N, _, skipped = folders.load_folder(folder, predict.dataset_info(model.meta))
+      images_NHW, labels_N, _, skipped = folders.load_folder(folder,
+                                                             predict.dataset_info(model.meta))
     except folders.StudyError:
       return {"images": total, "accuracy": 0.0, "refused": total, "other_skipped": 0}
   log_probs_NC, _ = folders.log_probabilities(model, images_NHW[..., None])
@@ -184,7 +186,8 @@ def _main() -> None:
     sys.exit("mnist_jax: --workdir is required: a trained run's directory")
   model = predict.load(values.workdir, values.checkpoint)
   if model.config.dataset != "mnist":
-    sys.exit(f"mnist_jax: the renderings are of MNIST digits; this run is of {model.config.dataset}")
+    sys.exit(f"mnist_jax: the renderings are of MNIST digits; this run is of "
+             f"{model.config.dataset}")
   test = data.load_split("mnist", "test", model.config.data_dir)
   count = min(values.examples, len(test))
   out = values.out or os.path.join(values.workdir, "photos")
