@@ -133,30 +133,30 @@ def _files_below(folder: str, holder: str | None = None) -> list[tuple[str, str 
   be listed, a broken link, a link back to `folder`, a folder inside it or `holder`, not a
   regular file); hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) left out."""
   found: list[tuple[str, str | None]] = []
-
-  def walk(path: str, ancestors: frozenset[tuple[int, int]]) -> None:
-    try:
-      status = os.stat(path)
-      if (status.st_dev, status.st_ino) in ancestors:
-        found.append((path, "a link to a folder that holds it (a loop): not followed"))
-        return
-      with os.scandir(path) as listing:
-        entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
-    except OSError as e:
-      found.append((path, f"cannot be listed ({_reason(e)}): the files in it are not read"))
-      return
-    ancestors |= {(status.st_dev, status.st_ino)}
-    for entry in entries:
-      if os.path.isdir(entry.path):  # Links to folders are followed.
-        walk(entry.path, ancestors)
-      else:
-        found.append((entry.path, _not_a_file(entry.path)))
-
   holders = frozenset()
   if holder is not None:
     status = os.stat(holder)
     holders = frozenset({(status.st_dev, status.st_ino)})
-  walk(folder, holders)
+  # Depth first, in order: a stack rather than recursion, which deep trees would exhaust.
+  pending: list[tuple[str, frozenset[tuple[int, int]] | None]] = [(folder, holders)]
+  while pending:
+    path, ancestors = pending.pop()
+    if ancestors is None:  # A file.
+      found.append((path, _not_a_file(path)))
+      continue
+    try:
+      status = os.stat(path)
+      if (status.st_dev, status.st_ino) in ancestors:
+        found.append((path, "a link to a folder that holds it (a loop): not followed"))
+        continue
+      with os.scandir(path) as listing:
+        entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+      found.append((path, f"cannot be listed ({_reason(e)}): the files in it are not read"))
+      continue
+    ancestors |= {(status.st_dev, status.st_ino)}
+    for entry in reversed(entries):  # Links to folders are followed.
+      pending.append((entry.path, ancestors if os.path.isdir(entry.path) else None))
   return found
 
 
