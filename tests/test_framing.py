@@ -1,11 +1,15 @@
 """Finding the digit in a photo of a page as a person would (studies/ink.py via `mnist_like`)."""
 
 import io
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import REPO
 from mnist_jax.studies import digits
 from mnist_jax.tools import photos
 
@@ -112,3 +116,20 @@ def test_a_page_without_a_digit_is_refused_not_guessed(page):
   }[page]()
   with pytest.raises(digits.ImageError, match="^no digit found: "):
     digits.mnist_like(np.clip(image_HW, 0, 255))
+
+
+def test_the_renderings_command_writes_each_condition_and_one_table(two_epoch_run, tmp_path):
+  out = tmp_path / "photos"
+  result = subprocess.run(
+      [sys.executable, "-m", "mnist_jax.tools.photos", f"--workdir={two_epoch_run}",
+       "--examples=3", f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((out / "results.json").read_text())
+  assert list(saved) == list(photos.CONDITIONS)
+  for condition, scores in saved.items():
+    assert scores["images"] == len(list((out / condition).glob("*/*"))) == 3
+    assert 0.0 <= scores["accuracy"] <= 1.0 and scores["refused"] + scores["other_skipped"] <= 3
+  table = (out / "results.md").read_text()
+  assert table.startswith("| condition | accuracy | vs plain | refused (no digit) |")
+  assert table in result.stdout and len(table.splitlines()) == 2 + len(photos.CONDITIONS)

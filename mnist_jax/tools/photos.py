@@ -24,7 +24,7 @@ import sys
 from typing import Callable
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from PIL import Image
 from scipy import ndimage
 
@@ -169,6 +169,8 @@ def table(results: dict[str, dict[str, float | int]]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   from mnist_jax import errors  # pylint: disable=import-outside-toplevel
+
+  logging.set_verbosity(logging.ERROR)  # As main.py: orbax's progress lines are not for people.
 
   try:
     _main()
