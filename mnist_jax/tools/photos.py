@@ -4,13 +4,14 @@
   python -m mnist_jax.tools.photos --workdir=runs/seed_mlp --examples=1000
 
 Each of the first `--examples` test digits is drawn as dark ink on light paper (a 160-pixel page,
-the digit about 112 pixels) under each of `CONDITIONS`: uneven light, a shadow, paper texture,
-black frames, a page edge on a dark table, a scan, low resolution, thick marker strokes, heavy
-JPEG. Each condition is written as a labelled folder (`<out>/<condition>/<label>/<i>.png`) and
-scored as `--mode=eval --images_dir` scores one (`folders.load_folder`, then the model); the
-table (`<out>/results.md`, `results.json`) gives each condition's accuracy, counting the images
-refused as holding no digit as wrong, and how many were refused. Like `main.py`, this command
-owns its flags; the renderings are the same on every run (seeded).
+the 28x28 image scaled to 112 pixels) under each of `CONDITIONS`: uneven light, a shadow,
+vignetting, paper texture, ruled and squared paper, black frames, a page edge on a dark table, a
+scan, low resolution, thick marker strokes, heavy JPEG. Each condition is written as a labelled
+folder (`<out>/<condition>/<label>/<i>.png`) and scored as `--mode=eval --images_dir` scores one
+(`folders.load_folder`, then the model); the table (`<out>/results.md`, `results.json`) gives each
+condition's accuracy, counting the images refused as holding no digit as wrong, and how many
+were refused. Like `main.py`, this command owns its flags; the renderings are the same on every
+run (seeded).
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ def _shadow(reflectance_HW, rng):
   return 230.0 * ndimage.gaussian_filter1d(shade_W, 1.5)[None, :] * reflectance_HW
 
 
+def _vignette(reflectance_HW, rng):
+  del rng
+  y, x = np.mgrid[:PAGE, :PAGE] - (PAGE - 1) / 2
+  return 235.0 * (1 - 0.6 * (x * x + y * y) / (PAGE * PAGE / 2)) * reflectance_HW
+
+
+def _ruled(spacing, across):
+  def render(reflectance_HW, rng):
+    image_HW = _plain(reflectance_HW, rng)
+    image_HW[spacing // 2::spacing] = np.minimum(image_HW[spacing // 2::spacing], 160.0)
+    if across:  # Squared paper.
+      image_HW[:, spacing // 2::spacing] = np.minimum(image_HW[:, spacing // 2::spacing], 160.0)
+    return image_HW
+  return render
+
+
 def _texture(reflectance_HW, rng):
   fibres_HW = ndimage.gaussian_filter(rng.normal(size=reflectance_HW.shape), 4.0)
   fibres_HW *= 0.08 / fibres_HW.std()
@@ -105,7 +122,10 @@ CONDITIONS: dict[str, tuple[str, Callable[..., np.ndarray], bool]] = {
     "plain": ("even light, 225 on the paper", _plain, False),
     "light_falling": ("light falling from 235 to 110 across the page", _light_falling, False),
     "shadow": ("a shadow (45% of the light) over the left 60%", _shadow, False),
+    "vignette": ("light falling from the centre to 95 in the corners", _vignette, False),
     "texture": ("paper texture and grain", _texture, False),
+    "ruled": ("ruled paper, a line every 20 pixels", _ruled(20, across=False), False),
+    "squared": ("squared paper, 16-pixel squares", _ruled(16, across=True), False),
     "frame_1px": ("a 1-pixel black frame around the page", _frame(1), False),
     "frame_4px": ("a 4-pixel black frame around the page", _frame(4), False),
     "page_edge": ("the page turned on a dark table, the table along two sides", _page_edge, False),
