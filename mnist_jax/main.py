@@ -306,6 +306,9 @@ def main(argv: list[str]) -> None:
     if flag.present and _MODE.value not in modes:
       sys.exit(f"mnist_jax: --{flag.name} is for --mode={' or '.join(modes)}, not "
                f"--mode={_MODE.value}")
+  if _IMAGES_DIR.present and not _IMAGES_DIR.value.strip():
+    sys.exit("mnist_jax: --images_dir is empty; give a folder with a subfolder of images per "
+             "class, or leave the flag out to evaluate the test split")
   cluster = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID, _MULTIHOST_TIMEOUT)
   if not _MULTIHOST.value and any(flag.present for flag in cluster):
     sys.exit(f"mnist_jax: --{next(f for f in cluster if f.present).name} needs --multihost")

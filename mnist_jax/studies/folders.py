@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import sys
 import time
 from typing import Any
@@ -56,16 +57,24 @@ def _class_of(folder: str, class_names: tuple[str, ...]) -> int | None:
 def load_folder(directory: str, info: data.DatasetInfo
                 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
   """The images `[N, 28, 28]` of a labelled folder, framed as `info`'s dataset frames its own
-  (`digits.mnist_like`), their labels and paths, and what was skipped. A file that cannot be
-  used, a subfolder named by no class and an empty one are each a warning line and an entry of
-  the skipped list (`<path>: <why>`)."""
+  (`digits.mnist_like`), their labels and paths, and what was skipped.
+
+  Nothing is left out without a word: a file that cannot be used, a subfolder named by no class,
+  an empty class folder, a folder that cannot be listed (permission denied), a broken link, a
+  link back to a folder that holds it, and a file beside the class folders are each a warning
+  line and an entry of the skipped list (`<path>: <why>`). Links to folders and files are
+  followed, as torchvision's `ImageFolder` follows them; hidden files and folders are left out.
+  """
   if not os.path.isdir(directory):
     raise StudyError(f"{directory} is not a directory; --images_dir takes a folder with one "
                      f"subfolder per class")
-  subfolders = sorted(name for name in os.listdir(directory)
-                      if os.path.isdir(os.path.join(directory, name)) and not name.startswith("."))
+  try:
+    names = sorted(name for name in os.listdir(directory) if not name.startswith("."))
+  except OSError as e:
+    raise StudyError(f"{directory} cannot be listed ({_reason(e)})") from None
   class_names = info.class_names
-  classes = {name: _class_of(name, class_names) for name in subfolders}
+  classes = {name: _class_of(name, class_names) for name in names
+             if os.path.isdir(os.path.join(directory, name))}
   if not any(index is not None for index in classes.values()):
     raise StudyError(f"{directory} has no subfolder named by a class of this model; expected "
                      f"subfolders such as {', '.join(repr(n) for n in class_names[:3])}, ...")
@@ -75,17 +84,23 @@ def load_folder(directory: str, info: data.DatasetInfo
     print(f"mnist_jax: {path}: {why}", file=sys.stderr, flush=True)
     skipped.append(f"{os.path.relpath(path, directory)}: {why}")
 
-  for name, index in classes.items():
+  for name in names:
     folder = os.path.join(directory, name)
+    if name not in classes:
+      what = _not_a_file(folder)
+      skip(folder, f"{what}; skipped" if what else
+           "not in a class folder; skipped (images go in a subfolder named by their class)")
+      continue
+    index = classes[name]
     if index is None:
       skip(folder, f"not a class of this model (classes: {', '.join(class_names)}); skipped")
       continue
-    files = _files_below(folder)
-    if not files:
+    entries = _files_below(folder, directory)
+    if not entries:
       skip(folder, "empty")
-    for path in files:
-      if not os.path.isfile(path):  # A FIFO or a device would block or mislead the reader.
-        skip(path, "not a regular file; skipped")
+    for path, why in entries:
+      if why:
+        skip(path, f"{why}; skipped")
         continue
       try:
         images.append(digits.mnist_like(digits.load_image(path), info.name))
@@ -99,14 +114,55 @@ def load_folder(directory: str, info: data.DatasetInfo
   return np.stack(images), np.array(labels, np.int32), paths, skipped
 
 
-def _files_below(folder: str) -> list[str]:
-  """Every file under `folder`, subfolders included (as Keras and torchvision read a class),
-  in sorted order; hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) left out."""
-  found = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+def _files_below(folder: str, holder: str | None = None) -> list[tuple[str, str | None]]:
+  """Every file under `folder`, subfolders and linked folders included (as Keras and torchvision
+  read a class), in sorted order, each with None or why it cannot be read (a folder that cannot
+  be listed, a broken link, a link back to `folder`, a folder inside it or `holder`, not a
+  regular file); hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) left out."""
+  found: list[tuple[str, str | None]] = []
+  holders = frozenset()
+  if holder is not None:
+    status = os.stat(holder)
+    holders = frozenset({(status.st_dev, status.st_ino)})
+  # Depth first, in order: a stack rather than recursion, which deep trees would exhaust.
+  pending: list[tuple[str, frozenset[tuple[int, int]] | None]] = [(folder, holders)]
+  while pending:
+    path, ancestors = pending.pop()
+    if ancestors is None:  # A file.
+      found.append((path, _not_a_file(path)))
+      continue
+    try:
+      status = os.stat(path)
+      if (status.st_dev, status.st_ino) in ancestors:
+        found.append((path, "a link to a folder that holds it (a loop): not followed"))
+        continue
+      with os.scandir(path) as listing:
+        entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+      found.append((path, f"cannot be listed ({_reason(e)}): the files in it are not read"))
+      continue
+    ancestors |= {(status.st_dev, status.st_ino)}
+    for entry in reversed(entries):  # Links to folders are followed.
+      pending.append((entry.path, ancestors if os.path.isdir(entry.path) else None))
   return found
+
+
+def _not_a_file(path: str) -> str | None:
+  """None for a regular file (or a link to one); else what it is."""
+  if os.path.islink(path) and not os.path.exists(path):
+    return f"a broken link (to {os.readlink(path)})"
+  try:
+    if stat.S_ISREG(os.stat(path).st_mode):
+      return None
+  except OSError as e:
+    return f"cannot be read ({_reason(e)})"
+  return "not a regular file"  # A FIFO or a device would block or mislead the reader.
+
+
+def _reason(error: OSError) -> str:
+  if isinstance(error, PermissionError):
+    return "permission denied"
+  return error.strerror or str(error)
 
 
 def evaluate_folder(model: checkpoints.Restored, directory: str,
