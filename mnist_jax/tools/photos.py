@@ -167,10 +167,10 @@ def score(model, folder: str) -> dict[str, float | int]:
   with contextlib.redirect_stderr(io.StringIO()):  # One warning line per refused image.
     try:
       images_NHW, labels_N, _, skipped = folders.load_folder(folder,
-                                                             predict.dataset_info(model.meta))
+                                                             predict.dataset_trained_on(model.meta))
     except folders.StudyError:
       return {"images": total, "accuracy": 0.0, "refused": total, "other_skipped": 0}
-  log_probs_NC, _ = folders.log_probabilities(model, images_NHW[..., None])
+  log_probs_NC, _ = predict.log_probabilities_and_logits(model, images_NHW[..., None])
   refused = sum("no digit found" in entry for entry in skipped)
   return {"images": total, "accuracy": float(np.sum(log_probs_NC.argmax(1) == labels_N)) / total,
           "refused": refused, "other_skipped": len(skipped) - refused}
