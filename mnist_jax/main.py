@@ -27,7 +27,7 @@ from mnist_jax.run import interrupts
 
 if __name__ == "__main__":
   # Ctrl-C ends the command with one line from here on, during the slow imports below too.
-  # Training stops at the end of an epoch instead (checkpoints.py), and restores this after.
+  # Training stops at the end of an epoch instead (run/guard.py), and restores this after.
   interrupts.exit_on_interrupt()
 
 import ml_collections  # pylint: disable=wrong-import-position

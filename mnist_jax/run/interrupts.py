@@ -3,7 +3,7 @@
 Python runs a signal handler between two bytecodes of its main thread, never inside a call into
 compiled code; so a long computation must return to Python now and then (in compiled calls of a
 bounded size, as the attacks' PGD and the studies' batches do) for Ctrl-C to end it promptly.
-Training replaces this handler while it runs: it stops at the end of an epoch (checkpoints.py).
+Training replaces this handler while it runs: it stops at the end of an epoch (guard.py).
 Imports nothing heavy, so that a command installs it before its own imports.
 """
 
