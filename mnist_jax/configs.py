@@ -300,9 +300,8 @@ def check_validation_split(config: ml_collections.ConfigDict, num_train: int) ->
   sqrt(0.98 * 0.02 / n), passes 0.44 points: wider than what separates a run's later epochs, so
   the "best" checkpoint is a draw. And a temperature is pinned by the few examples the model gets
   wrong or is unsure of, about 20 at 98% of 1,000 and none at all in a split of 6, where the fit
-  sharpens every probability. Drawn from the seed recipe's 6,000 validation examples
-  (WORKSPACE.md, "Validation splits"), subsets of 1,000 never fitted a temperature that made the
-  test NLL worse than none; of 600, 300 and 100, 6%, 14% and 36% of them did.
+  sharpens every probability. Measured on subsets of the seed recipe's 6,000 validation
+  examples: docs/2026-12-05-photos-configs-checkpoints.md.
   """
   held_out = round(num_train * config.validation_fraction)  # As `data.holdout_splits` holds out.
   if config.validation_fraction and held_out < MIN_VALIDATION_EXAMPLES:
