@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, load_config, main_in_process, train_and_report
+from mnist_jax import configs
 from mnist_jax.studies import attacks, calibration, digits, predict
 
 EPS = [0.0, 0.03, 0.1, 0.2]
@@ -200,6 +201,16 @@ def test_calibrated_needs_a_validation_split(tmp_path):
   assert (result.returncode, result.stdout) == (1, "")  # Refused before evaluating anything.
   assert result.stderr.strip().startswith(
       "mnist_jax: --calibrated fits a temperature on the run's validation split, and this run has none")
+
+
+def test_a_run_whose_validation_split_is_too_small_fits_no_temperature():
+  """Runs trained before the split's minimum was checked may hold 6 examples: no fit on those."""
+  config = load_config("seed_mlp", "smoke")
+  config.validation_fraction = 0.0001
+  with pytest.raises(configs.ConfigError, match="holds out 6 of the 60,000 training examples"):
+    calibration.held_out_split(config)
+  config.validation_fraction = 0.1
+  assert calibration.held_out_split(config) == "train[54000:]"
 
 
 def test_a_folder_is_read_as_keras_and_torchvision_read_one(workdir, mnist_test, tmp_path):

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.scipy import optimize
 
-from mnist_jax import data, errors
+from mnist_jax import configs, data, errors
 
 NUM_BINS = 15
 
@@ -93,11 +93,14 @@ def held_out_split(config: ml_collections.ConfigDict) -> str | None:
 
   Not a slice of the training split: the model has learnt those examples, so it is right and
   sure of itself there, and a temperature fitted there sharpens its probabilities; for the seed
-  recipe that made the test NLL and ECE worse (docs/2026-12-01-studies.md).
+  recipe that made the test NLL and ECE worse (docs/2026-12-01-studies.md). A split too small to
+  fit one on (`configs.check_validation_split`), as runs trained before that check may hold, is
+  refused.
   """
   if not config.validation_fraction:
     return None
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  configs.check_validation_split(config, num_train)
   return data.holdout_splits(num_train, config.validation_fraction)[1]
 
 
