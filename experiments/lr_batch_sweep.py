@@ -6,10 +6,8 @@
 Trains 9 points x 3 seeds into `runs/lr_batch_sweep/<point>/seed_<seed>/` and ranks the points in
 `runs/lr_batch_sweep/sweep_summary.md` (and `.csv`). Running the command again skips finished
 seeds and resumes unfinished ones. Points are ranked by validation accuracy on the last 10% of
-the training split. Measured on a quiet 2-core CPU (27 runs, 70 s): best learning rate 1e-3 at
-batch 32 (the notebook's), 97.87 +- 0.18% validation and 97.77 +- 0.05% test accuracy over seeds
-0-2, with 1e-3 at batch 128 0.13 points below it on validation, within noise; the table is in
-WORKSPACE.md ("Sweeps").
+the training split. The best point: the README's results table; the whole ranking:
+docs/2026-11-30-results.md ("Sweeps").
 
 `experiments/lr_batch_sweep.py:smoke`: 2 learning rates x 2 batch sizes x 2 seeds, one epoch each.
 """

@@ -2,9 +2,8 @@
 
   python -m mnist_jax.main --config=experiments/mlp_regularized.py --workdir=runs/mlp_regularized
 
-Batch 128, 20 epochs, standardized inputs. Target: >= 98.5% test accuracy (Keras' classic
-512-512 dropout MLP reports 98.40% after 20 epochs). Measured on 2026-11-30 (2-core AMD EPYC,
-quiet): 98.68% test accuracy for seed 0, 44 s of training (2.2 s an epoch).
+Batch 128, 20 epochs, standardized inputs; aimed above Keras' classic 512-512 dropout MLP.
+Result: the README's results table.
 """
 
 import ml_collections

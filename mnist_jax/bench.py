@@ -2,7 +2,10 @@
 
 from absl import app
 
+from mnist_jax.run import interrupts
 from mnist_jax.tools import bench
 
 if __name__ == "__main__":
-  app.run(bench.main)
+  interrupts.exit_on_interrupt("mnist_jax.bench")
+  with interrupts.no_teardown_after_interrupt():
+    app.run(bench.main)

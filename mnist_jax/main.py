@@ -14,30 +14,28 @@ imported when that mode runs (eval and predict load no plotting, TensorBoard or 
 """
 
 import ast
-import logging as std_logging
 import os
+import re
 import shlex
 import signal
 import sys
+import sysconfig
+import traceback
 from typing import Any
 
-
-def _interrupted(signum: int, frame: Any) -> None:
-  del frame
-  print("mnist_jax: interrupted", file=sys.stderr, flush=True)
-  raise SystemExit(128 + signum)
-
+from mnist_jax.run import interrupts
 
 if __name__ == "__main__":
-  # Ctrl-C ends the command with one line, from here on: the imports below take a second.
-  # Training stops at the end of an epoch instead (checkpoints.py), and restores this after.
-  signal.signal(signal.SIGINT, _interrupted)
+  # Ctrl-C ends the command with one line from here on, during the slow imports below too.
+  # Training stops at the end of an epoch instead (run/guard.py), and restores this after.
+  interrupts.exit_on_interrupt()
 
+import ml_collections  # pylint: disable=wrong-import-position
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from mnist_jax import errors  # pylint: disable=wrong-import-position
-from mnist_jax.run import parallel  # pylint: disable=wrong-import-position
+from mnist_jax.run import parallel, quiet  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -74,8 +72,9 @@ _CALIBRATED = flags.DEFINE_bool(
 _EPS = flags.DEFINE_list(
     "eps", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"],
     "attack: L-infinity budgets, in pixel units after dividing by 255.")
-_PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "attack: PGD's steps, the first being FGSM's.",
-                                  lower_bound=1)
+_PGD_STEPS = flags.DEFINE_integer(
+    "pgd_steps", 10, "attack: PGD's steps, the first being FGSM's (at most 1000).", lower_bound=1,
+    upper_bound=1000)
 _ATTACK_EXAMPLES = flags.DEFINE_integer(
     "attack_examples", None, "attack: only the first this many test images.", lower_bound=1)
 _SWEEP_SHARD = flags.DEFINE_string(
@@ -102,8 +101,34 @@ _MULTIHOST_TIMEOUT = flags.DEFINE_integer(
 )
 
 
-def _one_line(error: Exception) -> str:
-  """The gist of an exception from absl or ml_collections, on one line."""
+def _config_file_line(error: BaseException) -> str | None:
+  """`path:line` in the config file where `error` was raised, if the file (or code it called)
+  raised it while config_flags loaded it; None for absl's and ml_collections' own errors."""
+  frames = traceback.extract_tb(error.__traceback__)
+  loader = [i for i, frame in enumerate(frames) if frame.name == "parse"
+            and frame.filename.endswith(os.path.join("config_flags", "config_flags.py"))]
+  libraries = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "purelib", "platlib")})
+  for frame in frames[loader[0] + 1:] if loader else []:  # The first frame that is no library's.
+    if not frame.filename.startswith((*libraries, "<")):
+      relative = os.path.relpath(frame.filename)
+      return f"{frame.filename if relative.startswith('..') else relative}:{frame.lineno}"
+  return None
+
+
+def _one_line(error: BaseException) -> str:
+  """The gist of an exception from absl, ml_collections or a config file, on one line."""
+  root = error
+  while (root.__cause__ or root.__context__) is not None:
+    root = root.__cause__ or root.__context__
+  where = _config_file_line(root)
+  if where:  # Its first line: a config file's error can span many.
+    locked = re.search(r'Key "(\w+)" does not exist and cannot be added', str(root))
+    first = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+    gist = (f"unknown config field {locked[1]!r}" if locked else
+            f"{type(root).__name__}{': ' if first else ''}{first}")
+    return f"the config file raised {gist} (at {where})"
+  if isinstance(root, SyntaxError):
+    return f"the config file is not Python: {root.msg} ({root.filename}, line {root.lineno})"
   text = str(error).strip()
   while text[:1] in ("'", '"'):  # ml_collections nests the repr of a KeyError in its message.
     try:
@@ -119,15 +144,35 @@ def _one_line(error: Exception) -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, and loading the config file, with any mistake told in one line."""
+  """absl's parsing, loading the config file and checking its fields, with any mistake told in
+  one line: a file that fails to load, raises, exits, or returns anything but a whole config."""
+  logging.set_verbosity(logging.ERROR)  # config_flags warns of a get_config returning None.
   try:
     remaining = flags.FLAGS(argv)
-    if _CONFIG.value is not None:
-      _CONFIG.value.keys()  # A file that failed to load raises only when it is first read.
+    config = _CONFIG.value
+    if type(config).__name__ == "_ErrorConfig":  # A file that failed to load raises when read.
+      config.keys()
+  except SystemExit as e:  # --help exits so too; a config file must not.
+    if not _config_file_line(e):
+      raise
+    sys.exit(f"mnist_jax: bad flags: the config file called sys.exit({e.code!r}) (at "
+             f"{_config_file_line(e)}); get_config returns an ml_collections.ConfigDict")
   except Exception as e:  # A config file can fail in any way; each is the user's to fix.
     sys.exit(f"mnist_jax: bad flags: {_one_line(e)}")
   if len(remaining) > 1:
     sys.exit(f"mnist_jax: unexpected arguments: {' '.join(remaining[1:])}")
+  if flags.FLAGS["config"].present:
+    from mnist_jax import configs  # pylint: disable=import-outside-toplevel
+
+    filename = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not isinstance(config, ml_collections.ConfigDict):
+      sys.exit(f"mnist_jax: bad flags: get_config of {filename} returned "
+               f"{type(config).__name__ if config is not None else 'None'}, not an "
+               "ml_collections.ConfigDict; start it from mnist_jax.configs.defaults()")
+    try:
+      configs.check_new(config)
+    except configs.ConfigError as e:
+      sys.exit(f"mnist_jax: {e}")
   return remaining
 
 
@@ -162,39 +207,44 @@ def _train() -> None:
 
 
 def _eval() -> None:
-  from mnist_jax import data, pipelines  # pylint: disable=import-outside-toplevel
-  from mnist_jax.studies import calibration, folders, predict  # pylint: disable=import-outside-toplevel
+  from mnist_jax import pipelines  # pylint: disable=import-outside-toplevel
+  from mnist_jax.studies import predict  # pylint: disable=import-outside-toplevel
 
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
   # Fitted first: a run without a validation split is refused before any other work.
-  temperature, fitted_on = folders.fit_temperature(model) if _CALIBRATED.value else (1.0, "")
+  temperature = predict.validation_temperature(model) if _CALIBRATED.value else None
   if _IMAGES_DIR.value:
-    result = folders.evaluate_folder(model, _IMAGES_DIR.value, _WORKDIR.value,
-                                     (temperature, fitted_on) if _CALIBRATED.value else None)
-    seeds = result["accuracy_per_seed"]
-    per_seed = f" (per seed: {', '.join(f'{a:.4f}' for a in seeds)})" if len(seeds) > 1 else ""
-    calibrated = f"  temperature {result['temperature']:.4f}" if _CALIBRATED.value else ""
-    print(f"checkpoint {model.step}  {result['images']} images  accuracy {result['accuracy']:.4f}"
-          f"{per_seed}  nll {result['nll']:.4f}  ece {result['ece']:.4f}{calibrated}  "
-          f"{result['images_per_s_predicting']:.0f} images/s\nreport: {result['report']}")
+    _eval_folder(model, temperature)
     return
   metrics = pipelines.evaluate_test_split(model.config, model.state)
   show = lambda values: repr(values.item()) if values.ndim == 0 else str(values.tolist())  # Seeds.
   print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {show(metrics['loss'])}  "
         f"test_accuracy {show(metrics['accuracy'])}  test_examples {int(metrics['count'].max())}")
-  if _CALIBRATED.value:
-    test = data.load_split(model.config.dataset, "test", model.config.data_dir)
-    log_probs_NC, _ = folders.log_probabilities(model, test.images_NHWC)
-    scores = [(calibration.negative_log_likelihood(log_probs_NC, test.labels_N, t),
-               calibration.expected_calibration_error(
-                   calibration.probabilities(log_probs_NC, t), test.labels_N))
-              for t in (1.0, temperature)]
-    print(f"temperature {temperature:.4f} (fitted on {fitted_on})  test_nll {scores[0][0]:.4f} -> "
-          f"{scores[1][0]:.4f}  test_ece {scores[0][1]:.4f} -> {scores[1][1]:.4f}")
+  if temperature is not None:
+    (nll, ece), (scaled_nll, scaled_ece) = predict.calibration_on_test_split(
+        model, [1.0, temperature[0]])
+    print(f"temperature {temperature[0]:.4f} (fitted on {temperature[1]})  test_nll {nll:.4f} -> "
+          f"{scaled_nll:.4f}  test_ece {ece:.4f} -> {scaled_ece:.4f}")
+
+
+def _eval_folder(model: Any, temperature: tuple[float, str] | None) -> None:
+  from mnist_jax.report import studies  # pylint: disable=import-outside-toplevel  # matplotlib.
+  from mnist_jax.studies import folders  # pylint: disable=import-outside-toplevel
+
+  evaluation = folders.evaluate_folder(model, _IMAGES_DIR.value, temperature)
+  report = studies.write_folder_report(_WORKDIR.value, model, evaluation)
+  result = evaluation.results
+  seeds = result["accuracy_per_seed"]
+  per_seed = f" (per seed: {', '.join(f'{a:.4f}' for a in seeds)})" if len(seeds) > 1 else ""
+  calibrated = f"  temperature {result['temperature']:.4f}" if temperature else ""
+  print(f"checkpoint {model.step}  {result['images']} images  accuracy {result['accuracy']:.4f}"
+        f"{per_seed}  nll {result['nll']:.4f}  ece {result['ece']:.4f}{calibrated}  "
+        f"{result['images_per_s_predicting']:.0f} images/s\nreport: {report}")
 
 
 def _attack() -> None:
-  from mnist_jax.studies import folders, predict  # pylint: disable=import-outside-toplevel
+  from mnist_jax.report import studies  # pylint: disable=import-outside-toplevel
+  from mnist_jax.studies import attacks, predict  # pylint: disable=import-outside-toplevel
 
   try:
     eps = [float(e) for e in _EPS.value]
@@ -205,11 +255,13 @@ def _attack() -> None:
   if not all(0.0 <= e <= 1.0 for e in eps):
     sys.exit(f"mnist_jax: --eps must be in [0, 1] (pixels / 255), got {','.join(_EPS.value)}")
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
-  result = folders.attack(model, _WORKDIR.value, eps, _PGD_STEPS.value, _ATTACK_EXAMPLES.value)
+  result = attacks.attack_test_split(model, eps, _PGD_STEPS.value, _ATTACK_EXAMPLES.value)
+  report = studies.write_attack_report(
+      _WORKDIR.value, result, predict.dataset_trained_on(model.meta).class_names, model.step)
   print(f"checkpoint {model.step}  clean accuracy {result.clean_accuracy:.4f}")
   for e, fgsm, pgd in zip(result.eps, result.fgsm_accuracy, result.pgd_accuracy):
     print(f"eps {e:<5g}  fgsm {fgsm:.4f}  pgd {pgd:.4f}")
-  print(f"report: {os.path.join(_WORKDIR.value, folders.ATTACK_DIR, 'report.md')}")
+  print(f"report: {report}")
 
 
 def _predict() -> int:
@@ -219,12 +271,8 @@ def _predict() -> int:
   from mnist_jax.studies import digits, predict  # pylint: disable=import-outside-toplevel
 
   model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
-  class_names = predict.dataset_info(model.meta).class_names
-  temperature = 1.0
-  if _CALIBRATED.value:
-    from mnist_jax.studies import folders  # pylint: disable=import-outside-toplevel
-
-    temperature = folders.fit_temperature(model)[0]
+  class_names = predict.dataset_trained_on(model.meta).class_names
+  temperature = predict.validation_temperature(model)[0] if _CALIBRATED.value else 1.0
   failed = 0
   for path in _IMAGES.value:
     try:
@@ -237,24 +285,20 @@ def _predict() -> int:
   return 1 if failed else 0
 
 
-def _quiet_library_errors() -> None:
-  """Keeps orbax's own reports of a failure it raises off the terminal; what it raises becomes
-  one line (see checkpoints.py). Without this a full disk or a damaged checkpoint prints
-  hundreds of lines of tracebacks: orbax logs each error it raises, its unfinished asyncio tasks
-  log theirs, and its coroutines left unfinished and callbacks that arrive after the event loop
-  closed print one each."""
-  logging.get_absl_logger().addFilter(lambda record: "/orbax/" not in record.pathname)
-  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # No asyncio of our own.
-  hook = sys.unraisablehook
+def _explore() -> None:
+  from mnist_jax.report import explore  # pylint: disable=import-outside-toplevel
 
-  def unraisable(info: Any) -> None:
-    closed_loop = (isinstance(info.exc_value, RuntimeError)
-                   and str(info.exc_value) == "Event loop is closed")
-    orbax_coroutine = "/orbax/" in getattr(getattr(info.object, "cr_code", None), "co_filename", "")
-    if not (closed_loop or orbax_coroutine):
-      hook(info)
+  explore.explore(_CONFIG.value, _WORKDIR.value)
 
-  sys.unraisablehook = unraisable
+
+def _report() -> None:
+  from mnist_jax.report import training  # pylint: disable=import-outside-toplevel
+
+  training.report_workdir(_WORKDIR.value)
+
+
+_MODES = {"train": _train, "sweep": _train, "eval": _eval, "predict": _predict,
+          "attack": _attack, "explore": _explore, "report": _report}
 
 
 def main(argv: list[str]) -> None:
@@ -271,34 +315,25 @@ def main(argv: list[str]) -> None:
     if flag.present and _MODE.value not in modes:
       sys.exit(f"mnist_jax: --{flag.name} is for --mode={' or '.join(modes)}, not "
                f"--mode={_MODE.value}")
+  if _IMAGES_DIR.present and not _IMAGES_DIR.value.strip():
+    sys.exit("mnist_jax: --images_dir is empty; give a folder with a subfolder of images per "
+             "class, or leave the flag out to evaluate the test split")
   cluster = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID, _MULTIHOST_TIMEOUT)
   if not _MULTIHOST.value and any(flag.present for flag in cluster):
     sys.exit(f"mnist_jax: --{next(f for f in cluster if f.present).name} needs --multihost")
   try:
     if _MULTIHOST.value:
       parallel.initialize_distributed(*(flag.value for flag in cluster))
-    if _MODE.value in ("train", "sweep"):
-      _train()
-    elif _MODE.value == "eval":
-      _eval()
-    elif _MODE.value == "predict":
-      sys.exit(_predict())
-    elif _MODE.value == "attack":
-      _attack()
-    elif _MODE.value == "explore":
-      from mnist_jax.report import explore  # pylint: disable=import-outside-toplevel
-
-      explore.explore(_CONFIG.value, _WORKDIR.value)
-    else:
-      from mnist_jax.report import training  # pylint: disable=import-outside-toplevel
-
-      training.report_workdir(_WORKDIR.value)
+    status = _MODES[_MODE.value]()
   except errors.UserError as e:
     sys.exit(f"mnist_jax: {e}")
   except OSError as e:  # The workdir or another path: read-only, full, gone.
     sys.exit(f"mnist_jax: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+  if status:
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-  _quiet_library_errors()
-  app.run(main, flags_parser=_parse_flags)
+  quiet.quiet_library_errors()
+  with interrupts.no_teardown_after_interrupt():
+    app.run(main, flags_parser=_parse_flags)

@@ -29,6 +29,7 @@ def learning_rate_at(schedule: optax.ScalarOrSchedule, step: int) -> float:
   return float(schedule(step) if callable(schedule) else schedule)
 
 
-def create(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                     ) -> optax.GradientTransformation:
   """The optimizer named by `config.optimizer` with `config.lr_schedule` over the whole run."""
   return OPTIMIZERS[config.optimizer](learning_rate_schedule(config, steps_per_epoch), config)

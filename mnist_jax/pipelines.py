@@ -152,8 +152,8 @@ class StreamPipeline(_Pipeline):
 CHUNK_EXAMPLES = 8192
 
 
-def create(config: ml_collections.ConfigDict, state: TrainState, splits: dict[str, str]
-           ) -> DevicePipeline | StreamPipeline:
+def create_pipeline(config: ml_collections.ConfigDict, state: TrainState, splits: dict[str, str]
+                    ) -> DevicePipeline | StreamPipeline:
   """The pipeline `config.input_pipeline` names, over `splits` (name -> tfds split string)."""
   pipeline = DevicePipeline if config.input_pipeline == "device" else StreamPipeline
   return pipeline(config, state, splits)
@@ -170,4 +170,4 @@ def evaluate_test_split(config: ml_collections.ConfigDict, state: TrainState
   shards = parallel.data_shards(parallel.create_mesh())
   config = config.copy_and_resolve_references()
   config.eval_batch_size = -(-config.eval_batch_size // shards) * shards
-  return jax.device_get(create(config, state, {"test": "test"}).evaluate(state))
+  return jax.device_get(create_pipeline(config, state, {"test": "test"}).evaluate(state))

@@ -49,7 +49,7 @@ def create_train_state(
   return TrainState.create(
       apply_fn=model.apply,
       params=variables["params"],
-      tx=optimizers.create(config, steps_per_epoch),
+      tx=optimizers.create_optimizer(config, steps_per_epoch),
       dropout_rng=dropout_rng,
   )
 
@@ -95,8 +95,8 @@ def summarize_eval(sums: Metrics) -> Metrics:
 def epoch_order(epoch_rng: jax.Array, num_examples: int) -> np.ndarray:
   """The order in which an epoch visits the examples: a permutation drawn from the epoch's key.
 
-  NumPy shuffles 60,000 indices on the host in under a millisecond. `jax.random.permutation`
-  sorts twice on the device, which XLA:CPU does slowly: 13% of a seed-MLP epoch on two cores.
+  NumPy shuffles the indices on the host at little cost; `jax.random.permutation` sorts twice on
+  the device, which XLA:CPU does slowly (docs/2026-11-30-results.md, "Speed").
   With one key a seed (`epoch_rng` of shape `[S, 2]`), one permutation a seed, `[S, N]`.
   """
   keys = np.asarray(epoch_rng)
@@ -209,41 +209,6 @@ def evaluate_sums(
     return jax.tree.map(jnp.add, sums, eval_step(state, batch)), None
 
   return jax.lax.scan(step, sums, (images_SB, labels_SB, mask_SB))[0]
-
-
-def logits(state: TrainState, images_NHWC: np.ndarray, *, batch_size: int, mean: float,
-           std: float, num_seeds: int = 1) -> np.ndarray:
-  """Logits `[N, num_classes]` of the model in `state` for uint8 images, in batches of one shape;
-  `[num_seeds, N, num_classes]` for a state of several seeds."""
-  num_examples = len(images_NHWC)
-  padding = -num_examples % batch_size  # One batch shape, so one compilation.
-  images_NHWC = np.pad(images_NHWC, [(0, padding)] + [(0, 0)] * 3)
-  batches = [_batch_logits(state, images_NHWC[i : i + batch_size], mean, std, num_seeds)
-             for i in range(0, len(images_NHWC), batch_size)]
-  return np.concatenate(jax.device_get(batches), axis=-2)[..., :num_examples, :]
-
-
-@functools.partial(jax.jit, static_argnames=("mean", "std", "num_seeds"))
-def _batch_logits(state: TrainState, images_BHWC: jax.Array, mean: float, std: float,
-                  num_seeds: int) -> jax.Array:
-  images_BHWC = data.normalize(images_BHWC.astype(jnp.float32), mean, std)
-  apply = lambda params: state.apply_fn({"params": params}, images_BHWC, train=False)
-  return apply(state.params) if num_seeds == 1 else jax.vmap(apply)(state.params)
-
-
-def ensemble_log_probabilities(logits_SNC: jax.Array) -> jax.Array:
-  """Log of the mean of several models' softmax probabilities `[N, C]`, from their logits."""
-  return (jax.nn.logsumexp(jax.nn.log_softmax(logits_SNC, axis=-1), axis=0)
-          - jnp.log(logits_SNC.shape[0]))
-
-
-@functools.partial(jax.jit, static_argnames=("mean", "std", "num_seeds"))
-def log_probabilities(state: TrainState, pixels_NHWC: jax.Array, *, mean: float, std: float,
-                      num_seeds: int = 1) -> jax.Array:
-  """The model's log-probabilities `[N, C]` for pixels 0..255 (float, so that they may be
-  differentiated); of `num_seeds` models, the log of the mean of their probabilities."""
-  logits = _batch_logits(state, pixels_NHWC, mean, std, num_seeds)
-  return jax.nn.log_softmax(logits) if num_seeds == 1 else ensemble_log_probabilities(logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,8 +34,10 @@ def stopped_early(history: list[dict[str, Any]], metric: str, patience: int) -> 
 
 
 def run_splits(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Split name -> tfds split string: train, test and, with a validation fraction, val."""
+  """Split name -> tfds split string: train, test and, with a validation fraction, val; a
+  validation split too small to rank checkpoints is refused (`configs.check_validation_split`)."""
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  configs.check_validation_split(config, num_train)
   train, val = data.holdout_splits(num_train, config.validation_fraction)
   return {"train": train, **({"val": val} if val else {}), "test": "test"}
 
@@ -64,7 +66,10 @@ def train_and_evaluate(
         f"config.batch_size {config.batch_size} is larger than the {num_train} training examples"
     )
   with checkpoints.TrainingCheckpoints(
-      workdir, config, allow_config_change=allow_config_change
+      workdir, config, selection_metric=metrics.selection_metric(config),
+      check_record=metrics.check_record,
+      config_changes=lambda saved: configs.config_changes(saved, config),
+      allow_config_change=allow_config_change,
   ) as ckpts:
     return _train(config, workdir, ckpts, info, splits, steps_per_epoch)
 
@@ -74,7 +79,7 @@ def _train(
     info: data.DatasetInfo, splits: dict[str, str], steps_per_epoch: int,
 ) -> tuple[steps.TrainState, dict[str, Any]]:
   state, epoch_rngs = steps.initial_state(config, info, steps_per_epoch)
-  pipeline = pipelines.create(config, state, splits)
+  pipeline = pipelines.create_pipeline(config, state, splits)
   state = jax.device_put(state, pipeline.state_sharding)
   state, history = ckpts.resume(
       state, {"steps_per_epoch": steps_per_epoch, "dataset": dataclasses.asdict(info)}

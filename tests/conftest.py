@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
   """Every test, and every subprocess it starts, reads tfds data from one fresh directory: made
-  by pytest-xdist's controller, whose environment its workers inherit, and prepared by the first
-  worker that needs it (the other waits for it, as runs started together do).
+  by the pytest process (with `-n`, pytest-xdist's controller, whose environment its workers
+  inherit), and prepared by the first test that needs it (other workers wait for it, as runs
+  started together do).
 
   Set before any test imports tfds, so the suite also proves that MNIST prepares from the bundled
   files where nothing was prepared before.
@@ -45,21 +46,6 @@ def pytest_unconfigure(config):
 
 def _is_worker(config) -> bool:
   return hasattr(config, "workerinput")  # Set by pytest-xdist on its workers' configs.
-
-
-# Modules whose tests need no MNIST, but for three in the last and the slow ones (left in place).
-# On pytest-xdist's workers, in this order, they run right after the first test, which does need
-# MNIST: while the worker that runs it prepares MNIST, the other runs these instead of waiting.
-_NEED_NO_MNIST = ("test_configs.py", "test_models.py", "test_parallel.py", "test_checkpoints.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  if not _is_worker(config):  # One process: the order of the files.
-    return
-  is_early = lambda item: item.path.name in _NEED_NO_MNIST and not item.get_closest_marker("slow")
-  early = sorted(filter(is_early, items), key=lambda item: _NEED_NO_MNIST.index(item.path.name))
-  rest = [item for item in items if not is_early(item)]
-  items[:] = rest[:1] + early + rest[1:]
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, load_config, main_in_process
-from mnist_jax import configs, data, pipelines, steps, train
-from mnist_jax.run import checkpoints, rundir
+from mnist_jax import configs, data, metrics, pipelines, steps, train
+from mnist_jax.run import checkpoints, guard, integrity, rundir
 from mnist_jax.studies import predict
 
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
@@ -32,9 +32,24 @@ def _fresh_state(config):
   return steps.create_train_state(config, INFO, jax.random.PRNGKey(config.seed), 100)
 
 
+def _training(workdir, config, **kwargs):
+  """The checkpoints of a training run in `workdir`, wired as train.py wires them."""
+  return checkpoints.TrainingCheckpoints(
+      str(workdir), config, selection_metric=metrics.selection_metric(config),
+      check_record=metrics.check_record,
+      config_changes=lambda saved: configs.config_changes(saved, config), **kwargs)
+
+
+def _restore(workdir, which="best"):
+  """Restores as predict.load does, into a fresh state of the saved config."""
+  return checkpoints.restore(str(workdir), lambda config, meta: _fresh_state(config), which,
+                             check_record=metrics.check_record,
+                             selection_metric=metrics.selection_metric)
+
+
 def _save_epochs(workdir, config, accuracies):
   """Resumes `workdir` and saves one fake epoch per accuracy; returns the last state saved."""
-  with checkpoints.TrainingCheckpoints(str(workdir), config) as ckpts:
+  with _training(workdir, config) as ckpts:
     state, history = ckpts.resume(_fresh_state(config), META)
     for accuracy in accuracies:
       epoch = len(history) + 1
@@ -61,11 +76,11 @@ def test_save_then_resume_restores_every_leaf_bitwise(tmp_path, mnist_train):
   for _ in range(3):  # Adam's moments and count become non-trivial.
     state, _ = jax.jit(steps.train_step)(state, batch)
   history = [_record(1, 3, 0.5)]
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     ckpts.resume(_fresh_state(config), META)
     ckpts.end_of_epoch(state, history)
 
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     restored, restored_history = ckpts.resume(_fresh_state(config), META)
   assert restored_history == history
   assert int(restored.step) == 3
@@ -90,12 +105,11 @@ def test_retention_keeps_the_best_and_the_newest(tmp_path):
   config = _config(keep_checkpoints=2)
   _save_epochs(tmp_path, config, [0.5, 0.9, 0.6, 0.7, 0.65])
   assert _steps(tmp_path) == [200, 400, 500]  # Epoch 2 (the best), then the newest two.
-  template = lambda config, meta: _fresh_state(config)
-  assert checkpoints.restore(str(tmp_path), template, "best").meta["epoch"] == 2
-  assert checkpoints.restore(str(tmp_path), template, "latest").meta["epoch"] == 5
-  assert checkpoints.restore(str(tmp_path), template, "400").meta["epoch"] == 4
+  assert _restore(tmp_path, "best").meta["epoch"] == 2
+  assert _restore(tmp_path, "latest").meta["epoch"] == 5
+  assert _restore(tmp_path, "400").meta["epoch"] == 4
   with pytest.raises(checkpoints.CheckpointError, match=r"one of the steps \[200, 400, 500\]"):
-    checkpoints.restore(str(tmp_path), template, "300")
+    _restore(tmp_path, "300")
 
 
 def test_what_killed_saves_left_is_gone_before_the_run_goes_on(tmp_path):
@@ -104,12 +118,11 @@ def test_what_killed_saves_left_is_gone_before_the_run_goes_on(tmp_path):
   directory = checkpoints.checkpoint_dir(str(tmp_path))
   for name in ("200.orbax-checkpoint-tmp-1796139338", "300.orbax-checkpoint-tmp"):
     os.makedirs(os.path.join(directory, name, "state"))  # As a save killed midway leaves it.
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config):
+  with _training(tmp_path, config):
     # Gone at once, not by a thread of orbax's own that would still be listing the directory
     # while the run loads its data.
     assert sorted(os.listdir(directory)) == ["100"]
-  assert checkpoints.restore(str(tmp_path), lambda config, meta: _fresh_state(config),
-                             "latest").meta["epoch"] == 1
+  assert _restore(tmp_path, "latest").meta["epoch"] == 1
 
 
 def test_checkpoint_every_n_epochs_and_at_the_end(tmp_path):
@@ -131,7 +144,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
   _save_epochs(tmp_path, config, [0.1, 0.2, 0.3])
   _damage(tmp_path, 300)
   capsys.readouterr()
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     state, history = ckpts.resume(_fresh_state(config), META)
   err = capsys.readouterr().err
   assert "checkpoint 300" in err and "cannot be restored" in err and "using checkpoint 200" in err
@@ -148,7 +161,7 @@ def test_no_readable_checkpoint_is_an_error_that_touches_nothing(tmp_path):
   _damage(tmp_path, 100)
   _damage(tmp_path, 200)
   with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in .* can be restored"):
-    with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+    with _training(tmp_path, config) as ckpts:
       ckpts.resume(_fresh_state(config), META)
   assert _steps(tmp_path) == [100, 200]
 
@@ -159,7 +172,7 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
   changed.model_args.hidden_sizes = (64,)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"changed: learning_rate, model_args\.hidden_sizes\).*--allow_config"):
-    with checkpoints.TrainingCheckpoints(str(tmp_path), changed) as ckpts:
+    with _training(tmp_path, changed) as ckpts:
       ckpts.resume(_fresh_state(changed), META)
 
   # More epochs under a constant learning rate continue the same run.
@@ -168,7 +181,7 @@ def test_a_different_config_is_refused_with_the_changed_keys(tmp_path):
 
   # The explicit flag resumes under a new learning rate.
   faster = _config(learning_rate=0.01, num_epochs=20)
-  with checkpoints.TrainingCheckpoints(str(tmp_path), faster, allow_config_change=True) as ckpts:
+  with _training(tmp_path, faster, allow_config_change=True) as ckpts:
     _, history = ckpts.resume(_fresh_state(faster), META)
   assert len(history) == 2
 
@@ -192,14 +205,14 @@ def test_num_epochs_counts_as_a_change_under_a_schedule_over_the_run(tmp_path):
   _save_epochs(tmp_path, _config(lr_schedule="cosine"), [0.1])
   longer = _config(lr_schedule="cosine", num_epochs=20)
   with pytest.raises(checkpoints.CheckpointError, match=r"changed: num_epochs\)"):
-    with checkpoints.TrainingCheckpoints(str(tmp_path), longer) as ckpts:
+    with _training(tmp_path, longer) as ckpts:
       ckpts.resume(_fresh_state(longer), META)
 
 
 def test_a_second_training_run_in_the_same_workdir_refuses(tmp_path):
-  with checkpoints.TrainingCheckpoints(str(tmp_path), _config()):
-    with pytest.raises(checkpoints.CheckpointError, match="in use by a training run"):
-      with checkpoints.TrainingCheckpoints(str(tmp_path), _config()):
+  with _training(tmp_path, _config()):
+    with pytest.raises(guard.WorkdirInUse, match="in use by a training run"):
+      with _training(tmp_path, _config()):
         pass
     result = main_in_process("--config=experiments/seed_mlp.py:smoke", f"--workdir={tmp_path}")
   assert result.returncode != 0
@@ -217,15 +230,15 @@ def test_a_run_saved_by_version_0_1_0_evaluates_and_resumes(tmp_path):
   model = predict.load(str(workdir), "latest")
   assert (model.step, model.meta["epoch"], list(model.config.model_args.hidden_sizes)) == (936, 2, [8])
   saved = model.meta["history"][-1]
-  metrics = pipelines.evaluate_test_split(model.config, model.state)
+  test = pipelines.evaluate_test_split(model.config, model.state)
   # Other CPUs round differently: at most a few of the 10,000 examples may change sides.
-  assert abs(float(metrics["accuracy"]) - saved["test_accuracy"]) <= 3e-4
-  np.testing.assert_allclose(float(metrics["loss"]), saved["test_loss"], rtol=1e-3)
+  assert abs(float(test["accuracy"]) - saved["test_accuracy"]) <= 3e-4
+  np.testing.assert_allclose(float(test["loss"]), saved["test_loss"], rtol=1e-3)
 
   config = model.config.copy_and_resolve_references()
   config.num_epochs = 3
   _, final = train.train_and_evaluate(config, str(workdir))
-  history = rundir.read_history(str(workdir))
+  history = rundir.read_history(str(workdir), metrics.check_record)
   assert [record["epoch"] for record in history] == [1, 2, 3]
   assert history[:2] == model.meta["history"]
   assert final["step"] == 3 * 468 and final["test_accuracy"] > saved["test_accuracy"] - 0.01
@@ -252,24 +265,25 @@ def _flip_byte(path, offset):
 def test_a_flipped_bit_in_any_array_file_is_one_warning_and_a_fallback(tmp_path, capsys, caplog):
   config = _config()
   _save_epochs(tmp_path, config, [0.1, 0.9])
-  template = lambda config, meta: _fresh_state(config)
   for path in _array_files(tmp_path, 200):  # Every array file, at its middle byte.
     original = open(path, "rb").read()
     _flip_byte(path, len(original) // 2)
     try:
-      model = checkpoints.restore(str(tmp_path), template, "best")
+      model = _restore(tmp_path, "best")
       if model.step == 200:  # Orbax read the same values back: the byte held no array data.
         continue
     finally:
       open(path, "wb").write(original)
-    assert model.step == 100 and "cannot be restored" in capsys.readouterr().err
-  params = checkpoints.restore(str(tmp_path), template, "best").state.params
+    err = capsys.readouterr().err
+    assert model.step == 100 and "cannot be restored" in err
+    assert len(err.splitlines()) == 1 and "bound method" not in err and "TensorStore(" not in err
+  params = _restore(tmp_path, "best").state.params
   assert params["Dense_0"]["kernel"].shape == (784, 128)
 
   path = _array_files(tmp_path, 200)[-1]  # The largest: the first layer's kernel.
   _flip_byte(path, os.path.getsize(path) // 2)
   capsys.readouterr()
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     state, history = ckpts.resume(_fresh_state(config), META)
   err = capsys.readouterr().err
   assert "checkpoint 200" in err and "differ from their saved digests: params/Dense_0/kernel" in err
@@ -308,10 +322,9 @@ def test_a_damaged_meta_or_config_item_is_a_damaged_checkpoint(tmp_path, capsys,
   with open(tmp_path / "checkpoints" / "200" / item, "w") as f:
     f.write(text)
   capsys.readouterr()
-  template = lambda config, meta: _fresh_state(config)
-  assert checkpoints.restore(str(tmp_path), template, "best").step == 100  # Not the damaged best.
+  assert _restore(tmp_path, "best").step == 100  # Not the damaged best.
   assert "checkpoint 200" in capsys.readouterr().err
-  with checkpoints.TrainingCheckpoints(str(tmp_path), config) as ckpts:
+  with _training(tmp_path, config) as ckpts:
     state, _ = ckpts.resume(_fresh_state(config), META)
   assert int(state.step) == 100 and os.path.isdir(tmp_path / "checkpoints_unreadable" / "200")
 
@@ -323,9 +336,129 @@ def test_a_damaged_metrics_item_neither_misleads_eval_nor_stops_training(tmp_pat
   with open(tmp_path / "checkpoints" / "200" / "metrics" / "metrics", "w") as f:
     f.write(text)
   # "best" is ranked by the checked meta item, so orbax's own copy of the metric does not count.
-  template = lambda config, meta: _fresh_state(config)
-  assert checkpoints.restore(str(tmp_path), template, "best").step == 200
+  assert _restore(tmp_path, "best").step == 200
   capsys.readouterr()
   _save_epochs(tmp_path, config, [0.6])  # Orbax's retention would trip on it: set aside first.
   assert "moved unreadable checkpoint 200" in capsys.readouterr().err
   assert _steps(tmp_path) == [100, 300, 400]
+
+
+def _swap(workdir, step_a, step_b, item=None):
+  """Swaps two step directories (or one item of theirs) by hand, as a user might."""
+  root = workdir / "checkpoints"
+  a, b = (root / str(step) / (item or "") for step in (step_a, step_b))
+  os.rename(a, root / "swap")
+  os.rename(b, a)
+  os.rename(root / "swap", b)
+
+
+@pytest.mark.parametrize("item", [None, "state", "meta"])
+def test_a_step_directory_holding_another_step_is_damaged(tmp_path, capsys, item):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.5, 0.9])
+  _swap(tmp_path, 200, 300, item)
+  capsys.readouterr()
+  assert _restore(tmp_path, "latest").step == 100
+  err = capsys.readouterr().err
+  assert "checkpoint 300" in err and "checkpoint 200" in err and "using checkpoint 100" in err
+  if item is None:  # Its meta item names the step it belongs to.
+    assert "(it holds step 200 (epoch 2), not step 300)" in err
+  assert _restore(tmp_path, "best").step == 100  # Neither the contents of 300 (0.9) nor of 200.
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoint 200: "):
+    _restore(tmp_path, "200")
+
+  # A resume sets both aside, trains on from 100, and its saves of 200 and 300 are written.
+  state = _save_epochs(tmp_path, config, [0.6, 0.7])
+  assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["200", "300"]
+  assert _steps(tmp_path) == [100, 200, 300]
+  restored = _restore(tmp_path, "latest")
+  assert (restored.step, restored.meta["history"][-1]["test_accuracy"]) == (300, 0.7)
+  jax.tree.map(np.testing.assert_array_equal, restored.state.params, state.params)
+
+
+def test_older_checkpoints_of_other_steps_are_set_aside_on_resume(tmp_path, capsys):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.5, 0.9])
+  _swap(tmp_path, 100, 200)
+  capsys.readouterr()
+  _save_epochs(tmp_path, config, [0.95])  # Resumes from 300, the newest, which is whole.
+  err = capsys.readouterr().err
+  assert "checkpoint 100 in" in err and "not step 100); setting it aside" in err
+  assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["100", "200"]
+  assert _steps(tmp_path) == [300, 400]
+
+
+def test_two_swapped_checkpoints_and_no_other_are_refused_touching_nothing(tmp_path):
+  config = _config()
+  _save_epochs(tmp_path, config, [0.1, 0.5])
+  _swap(tmp_path, 100, 200)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"checkpoint 200: it holds step 100 \(epoch 1\), not step 200; "
+                           r"checkpoint 100: it holds step 200"):
+    _save_epochs(tmp_path, config, [0.6])
+  assert _steps(tmp_path) == [100, 200] and not os.path.exists(tmp_path / "checkpoints_unreadable")
+
+
+def test_a_save_that_cannot_be_written_is_an_error_not_a_silent_skip(tmp_path):
+  config = _config()
+  state = _save_epochs(tmp_path, config, [0.1, 0.5, 0.9])
+  before = {name: sorted(os.listdir(tmp_path / "checkpoints" / name)) for name in ("200", "300")}
+  with _training(tmp_path, config) as ckpts:
+    for step in (200, 300):  # orbax's save returns False for a step not past its latest.
+      with pytest.raises(checkpoints.CheckpointError,
+                         match=f"checkpoint {step} cannot be written to .* already holds "
+                               f"checkpoint 300"):
+        ckpts.end_of_epoch(state.replace(step=jnp.int32(step)), [_record(2, step, 0.99)])
+  assert {name: sorted(os.listdir(tmp_path / "checkpoints" / name)) for name in before} == before
+  assert _restore(tmp_path, "best").meta["history"][-1]["test_accuracy"] == 0.9
+
+
+# A restore into arrays of other shapes used to fail halfway through orbax's reads, whose
+# coroutines then printed "Exception ignored in: <coroutine ...>" with a TensorStore spec each.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_foreign_checkpoint_with_allow_config_change_is_one_clean_line(tmp_path, capsys):
+  config, other = _config(), _config()
+  other.model_args.hidden_sizes = (16,)
+  _save_epochs(tmp_path / "run", config, [0.1])
+  _save_epochs(tmp_path / "other", other, [0.1, 0.2])
+  shutil.copytree(tmp_path / "other" / "checkpoints" / "200",
+                  tmp_path / "run" / "checkpoints" / "200")
+  capsys.readouterr()
+  with _training(tmp_path / "run", config, allow_config_change=True) as ckpts:
+    state, history = ckpts.resume(_fresh_state(config), META)
+  gc.collect()  # Where unfinished coroutines were freed and printed.
+  err = capsys.readouterr().err.splitlines()
+  assert int(state.step) == 100 and len(history) == 1
+  assert err[0].endswith("cannot be restored (its arrays do not fit the state to restore: "
+                         "params/Dense_0/bias is float32[16] there, float32[128] here); "
+                         "using checkpoint 100"), err
+  assert len(err) == 2 and err[1].startswith("mnist_jax: warning: moved unreadable checkpoint 200")
+
+  other_only = tmp_path / "other_only"  # No checkpoint fits: one line, nothing touched.
+  shutil.copytree(tmp_path / "other", other_only)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"checkpoint 200: its arrays do not fit .*; checkpoint 100: its arrays"):
+    with _training(other_only, config, allow_config_change=True) as ckpts:
+      ckpts.resume(_fresh_state(config), META)
+  gc.collect()
+  assert _steps(other_only) == [100, 200] and not capsys.readouterr().err
+
+
+def test_a_library_error_is_described_in_one_line_cut_at_a_word():
+  read = ValueError('FAILED_PRECONDITION: Error reading "params.Dense_0.kernel/0.0" in OCDBT '
+                    'database at local file "/w/checkpoints/2/state/": ZSTD_decompressStream() '
+                    'failed: Unknown frame descriptor; at byte 0 [source locations=\'a.cc:1\']')
+  try:  # As orbax wraps it.
+    raise Exception("Encountered error while reading array index: (). See full TensorStore "
+                    "details: <bound method spec of TensorStore({\n  'base': {\n})>.") from read
+  except Exception as e:  # pylint: disable=broad-except
+    wrapped = e
+  assert integrity.describe(wrapped) == (
+      "array params/Dense_0/kernel cannot be read (ZSTD_decompressStream() failed: Unknown frame "
+      "descriptor; at byte 0)")
+  words = " ".join(f"word{i}" for i in range(100))
+  described = integrity.describe(ValueError(words + "\nsecond line"))
+  assert described.startswith("ValueError: word0 word1 ") and described.endswith(" ...")
+  kept = described[len("ValueError: "):-len(" ...")]
+  assert len(described) <= 220 and words.startswith(kept + " ")  # Whole words only.

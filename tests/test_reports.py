@@ -18,7 +18,7 @@ from tensorboard.util import tensor_util
 
 from conftest import REPO, load_config, main_in_process, train_and_report
 from mnist_jax import data, metrics, pipelines, steps
-from mnist_jax.report import explore, plots, training
+from mnist_jax.report import explore, plots, tables
 from mnist_jax.run import progress, rundir, summaries
 from mnist_jax.studies import calibration
 from test_data import TEST_COUNTS, TRAIN_COUNTS
@@ -31,7 +31,7 @@ EXPLORE_FIGURES = ("label_histogram", "first_train_images", "pixel_histograms", 
 @pytest.fixture
 def trained(two_epoch_run):
   """The session's run of two smoke epochs, and its final metrics."""
-  return two_epoch_run, rundir.read_final(str(two_epoch_run))
+  return two_epoch_run, rundir.read_final(str(two_epoch_run), metrics.check_record)
 
 
 def assert_legible_png(path):
@@ -65,12 +65,12 @@ def test_the_report_gives_calibration_and_shows_where_mistakes_looked(trained):
   assert "temperature" not in saved and "No temperature was fitted" in report
   ((nll, ece),) = re.findall(r"^\| as trained \| ([\d.]+) \| ([\d.]+) \|", report, re.MULTILINE)
   assert float(nll) == pytest.approx(final["test_loss"], abs=1e-4)
-  probs_NC = np.exp(training.log_softmax(saved["logits_NC"].astype(np.float64)))
+  probs_NC = np.exp(tables.log_softmax(saved["logits_NC"].astype(np.float64)))
   assert float(ece) == pytest.approx(
       calibration.expected_calibration_error(probs_NC, saved["labels_N"]), abs=1e-4)
   # Saliency maps of the 25 most confident mistakes, each scaled to its own maximum.
   assert list(saved["saliency_index_K"]) == list(
-      training.most_confident_mistakes(probs_NC, saved["labels_N"], training.NUM_MISTAKES))
+      tables.most_confident_mistakes(probs_NC, saved["labels_N"], tables.NUM_MISTAKES))
   assert saved["saliency_KHW"].shape == (25, 28, 28)
   np.testing.assert_allclose(saved["saliency_KHW"].max(axis=(1, 2)), 1.0)
 
@@ -79,7 +79,7 @@ def test_confusion_matrix_counts_every_test_example_and_gives_the_accuracy(train
   workdir, final = trained
   saved = np.load(workdir / "predictions.npz")
   assert saved["logits_NC"].shape == (10_000, 10)
-  counts_CC = training.confusion_counts(saved["labels_N"], saved["logits_NC"].argmax(1), 10)
+  counts_CC = tables.confusion_counts(saved["labels_N"], saved["logits_NC"].argmax(1), 10)
   assert counts_CC.sum() == 10_000
   np.testing.assert_allclose(np.trace(counts_CC) / 10_000, final["test_accuracy"], rtol=1e-6)
   report = (workdir / "report.md").read_text()
@@ -130,7 +130,7 @@ def test_a_validation_split_shows_wherever_the_test_split_does(tmp_path):
   for tag, field in (("val/loss", "val_loss"), ("val/accuracy", "val_accuracy")):
     (event,) = events.Tensors(tag)
     assert float(tensor_util.make_ndarray(event.tensor_proto)) == pytest.approx(final[field])
-  history = training.history_columns(rundir.read_history(str(tmp_path)))
+  history = tables.history_columns(rundir.read_history(str(tmp_path), metrics.check_record))
   figure = plots.learning_curves(history, metrics.splits_in(history))
   for ax in figure.axes:
     assert [line.get_label() for line in ax.get_lines()] == ["train", "val", "test"]
@@ -214,9 +214,9 @@ def test_pixel_value_counts_match_numpys_histogram(mnist_test):
 def test_recall_and_precision_on_a_hand_checked_example():
   labels = np.array([0, 0, 1, 2, 2, 2])
   predicted = np.array([0, 1, 1, 2, 2, 0])
-  counts = training.confusion_counts(labels, predicted, 3)
+  counts = tables.confusion_counts(labels, predicted, 3)
   np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
-  recall, precision = training.recall_and_precision(counts)
+  recall, precision = tables.recall_and_precision(counts)
   np.testing.assert_allclose(recall, [1 / 2, 1, 2 / 3])
   np.testing.assert_allclose(precision, [1 / 2, 1 / 2, 1])
 
@@ -224,8 +224,8 @@ def test_recall_and_precision_on_a_hand_checked_example():
 def test_most_confident_mistakes_come_first_and_right_answers_never():
   probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.99, 0.01], [0.3, 0.7]])
   labels = np.array([1, 1, 1, 0, 0])
-  np.testing.assert_array_equal(training.most_confident_mistakes(probs, labels, k=5), [0, 4, 2])
-  np.testing.assert_array_equal(training.most_confident_mistakes(probs, labels, k=2), [0, 4])
+  np.testing.assert_array_equal(tables.most_confident_mistakes(probs, labels, k=5), [0, 4, 2])
+  np.testing.assert_array_equal(tables.most_confident_mistakes(probs, labels, k=2), [0, 4])
 
 
 def test_stream_epoch_reports_progress_with_an_eta(mnist_test, monkeypatch):
@@ -293,7 +293,7 @@ def test_class_names_and_colour_images_draw_too(tmp_path):
                                        "colour"),
       "colorbar": lambda: plots.image_with_colorbar(images_NHWC[0], images_NHWC[0] / 255, "one"),
       "confusion": lambda: plots.confusion_matrix(
-          counts_CC, *training.recall_and_precision(counts_CC), names, "three classes"),
+          counts_CC, *tables.recall_and_precision(counts_CC), names, "three classes"),
   }, str(tmp_path))
   for name in ("histogram", "grid", "colorbar", "confusion"):
     assert_legible_png(tmp_path / f"{name}.png")

@@ -126,3 +126,32 @@ def test_raising_num_epochs_past_a_damaged_checkpoint_continues_exactly(tmp_path
   for leaf, expected_leaf in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(leaf, expected_leaf)
   assert _metrics(tmp_path / "continued") == _metrics(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_a_resume_after_two_step_directories_were_swapped_ends_as_the_run_never_touched(
+    tmp_path, capsys):
+  """The newest two checkpoints swapped by hand: each is damaged (its contents are of the other
+  step), so the resume sets both aside, trains epochs 2 and 3 again from epoch 1's checkpoint,
+  and writes their checkpoints anew instead of skipping saves to steps that exist."""
+  config = load_config("seed_mlp", "smoke")
+  config.num_epochs = 3
+  train.train_and_evaluate(config, str(tmp_path))
+  expected_state, expected_metrics = _latest_state(tmp_path), _metrics(tmp_path)
+  second, third = (tmp_path / "checkpoints" / str(n * STEPS_PER_EPOCH) for n in (2, 3))
+  os.rename(second, tmp_path / "swap")
+  os.rename(third, second)
+  os.rename(tmp_path / "swap", third)
+  capsys.readouterr()
+
+  train.train_and_evaluate(config, str(tmp_path))
+  out, err = capsys.readouterr()
+  assert f"resuming from checkpoint {STEPS_PER_EPOCH} (epoch 1)" in out
+  assert f"it holds step {2 * STEPS_PER_EPOCH} (epoch 2), not step {3 * STEPS_PER_EPOCH}" in err
+  assert sorted(int(name) for name in os.listdir(tmp_path / "checkpoints_unreadable")) == [
+      2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
+  actual = _latest_state(tmp_path)
+  assert int(actual["step"]) == 3 * STEPS_PER_EPOCH
+  for leaf, expected_leaf in zip(jax.tree.leaves(actual), jax.tree.leaves(expected_state)):
+    np.testing.assert_array_equal(leaf, expected_leaf)
+  assert _metrics(tmp_path) == expected_metrics

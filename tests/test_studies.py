@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, load_config, main_in_process, train_and_report
-from mnist_jax import steps
-from mnist_jax.studies import attacks, calibration, digits, folders, predict
+from mnist_jax import configs
+from mnist_jax.studies import attacks, calibration, digits, predict
 
 EPS = [0.0, 0.03, 0.1, 0.2]
 
@@ -44,13 +44,13 @@ def test_ece_is_zero_where_confidence_equals_accuracy_and_the_gap_where_not():
 def test_temperature_fitted_on_samples_of_a_known_temperature_finds_it():
   rng = np.random.default_rng(0)
   logits_NC = rng.normal(0.0, 3.0, (20_000, 10)).astype(np.float32)
-  probs_NC = calibration.probabilities(logits_NC, 2.0).astype(np.float64)
+  probs_NC = calibration.softmax_with_temperature(logits_NC, 2.0).astype(np.float64)
   labels_N = np.array([rng.choice(10, p=p / p.sum()) for p in probs_NC])
   temperature = calibration.fit_temperature(logits_NC, labels_N)
   assert temperature == pytest.approx(2.0, rel=0.05)
   assert (calibration.negative_log_likelihood(logits_NC, labels_N, temperature)
           < calibration.negative_log_likelihood(logits_NC, labels_N))
-  np.testing.assert_array_equal(calibration.probabilities(logits_NC, temperature).argmax(1),
+  np.testing.assert_array_equal(calibration.softmax_with_temperature(logits_NC, temperature).argmax(1),
                                 logits_NC.argmax(1))  # Scaling never changes a prediction.
 
 
@@ -61,8 +61,8 @@ def test_attacks_start_at_the_clean_accuracy_fall_with_eps_and_pgd_is_never_weak
   result = attacks.accuracy_under_attack(
       model.state, images, labels, EPS, mean=config.pixel_mean, std=config.pixel_std,
       num_seeds=1, pgd_steps=5, batch_size=400)  # 1000 rows: the last batch is padded.
-  logits = steps.logits(model.state, images, batch_size=1000, mean=config.pixel_mean,
-                        std=config.pixel_std)
+  logits = predict.logits(model.state, images, batch_size=1000, mean=config.pixel_mean,
+                          std=config.pixel_std)
   assert result.eps == EPS
   assert result.clean_accuracy == result.fgsm_accuracy[0] == result.pgd_accuracy[0] == np.mean(
       logits.argmax(1) == labels)
@@ -75,6 +75,21 @@ def test_attacks_start_at_the_clean_accuracy_fall_with_eps_and_pgd_is_never_weak
     for adversarial in (result.examples_fgsm_KHWC[e], result.examples_pgd_KHWC[e]):
       moved = np.abs(adversarial.astype(np.int32) - images[:len(adversarial)].astype(np.int32))
       assert moved.max() <= round(e * 255) + 1 and adversarial.dtype == np.uint8
+
+
+def test_pgd_gives_the_same_bits_whatever_steps_each_compiled_call_runs(model, mnist_test):
+  images = mnist_test.images_NHWC[:100].astype(np.float32)
+  labels = mnist_test.labels_N[:100]
+  kwargs = dict(mean=model.config.pixel_mean, std=model.config.pixel_std, num_seeds=1, steps=9)
+  one_by_one, grown = [], []
+  first = attacks.attack_batch(model.state, images, labels, 0.1, 0.03, **kwargs,
+                               chunks=attacks._Chunks(target_s=0.0, done=one_by_one.append))
+  second = attacks.attack_batch(model.state, images, labels, 0.1, 0.03, **kwargs,
+                                chunks=attacks._Chunks(target_s=1e9, done=grown.append))
+  assert one_by_one == [1] * 8 and grown == [1, 4, 3]  # PGD's 8 steps after FGSM's.
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(first[0], first[2])  # PGD moved beyond FGSM.
 
 
 def test_attack_mode_writes_its_report_and_refuses_bad_eps(workdir):
@@ -146,7 +161,7 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
                                "--calibrated")
   assert calibrated.returncode == 0, calibrated.stderr
   again = json.loads((workdir / "eval" / "digits" / "results.json").read_text())
-  temperature, _ = folders.fit_temperature(model)
+  temperature, _ = predict.validation_temperature(model)
   assert again["temperature"] == temperature and again["accuracy"] == saved["accuracy"]
 
 
@@ -186,6 +201,16 @@ def test_calibrated_needs_a_validation_split(tmp_path):
   assert (result.returncode, result.stdout) == (1, "")  # Refused before evaluating anything.
   assert result.stderr.strip().startswith(
       "mnist_jax: --calibrated fits a temperature on the run's validation split, and this run has none")
+
+
+def test_a_run_whose_validation_split_is_too_small_fits_no_temperature():
+  """Runs trained before the split's minimum was checked may hold 6 examples: no fit on those."""
+  config = load_config("seed_mlp", "smoke")
+  config.validation_fraction = 0.0001
+  with pytest.raises(configs.ConfigError, match="holds out 6 of the 60,000 training examples"):
+    calibration.held_out_split(config)
+  config.validation_fraction = 0.1
+  assert calibration.held_out_split(config) == "train[54000:]"
 
 
 def test_a_folder_is_read_as_keras_and_torchvision_read_one(workdir, mnist_test, tmp_path):

@@ -15,7 +15,7 @@ from mnist_jax import data
 from mnist_jax.report import plots
 from mnist_jax.run import rundir
 
-SPLITS = ("train", "test")
+EXPLORED_SPLITS = ("train", "test")
 EXPLORE_FILE = "explore.md"
 
 
@@ -58,7 +58,8 @@ def explore(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]
   Returns the seconds each figure took to draw and save.
   """
   info = data.dataset_info(config.dataset, config.data_dir)
-  splits = {name: data.load_split(config.dataset, name, config.data_dir) for name in SPLITS}
+  splits = {name: data.load_split(config.dataset, name, config.data_dir)
+            for name in EXPLORED_SPLITS}
   counts = {name: np.bincount(s.labels_N, minlength=info.num_classes) for name, s in splits.items()}
   train = splits["train"]
   pixel_counts_V = pixel_value_counts(train.images_NHWC)

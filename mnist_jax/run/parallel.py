@@ -124,13 +124,13 @@ def _drop_gloo_lines() -> None:
 
 # Flags `set_xla_flags` adds unless `XLA_FLAGS` names them already; each reaches one backend.
 DEFAULT_XLA_FLAGS = {
-    # 512-bit vector code on CPUs with AVX-512 (by default XLA:CPU emits 256-bit): the seed MLP's
-    # epoch is 9% faster on an AVX-512 CPU (WORKSPACE.md, "Speed").
+    # 512-bit vector code on CPUs with AVX-512 (by default XLA:CPU emits 256-bit), for a faster
+    # epoch there (docs/2026-11-30-results.md, "Speed").
     "xla_cpu_prefer_vector_width": "512",
     # The same sums in every process. Without it XLA:GPU may pick other kernels (autotuning) or
     # orders (atomics) in each process: on an H200 two runs of one config differed in the loss's
-    # fourth decimal, and a resumed run drifted from one never stopped. With it the seed MLP's
-    # epoch takes 0.093 s there instead of 0.050 s (WORKSPACE.md, "GPU").
+    # fourth decimal, and a resumed run drifted from one never stopped. It costs epoch time
+    # (docs/2026-11-30-results.md, "GPU: one H200").
     "xla_gpu_deterministic_ops": "true",
 }
 
@@ -142,7 +142,7 @@ def use_compilation_cache(directory: str) -> None:
   """Keeps every compiled program in `directory`: a later process that compiles the same program
   (same JAX, flags and devices) loads it instead, the same bits."""
   jax.config.update("jax_compilation_cache_dir", directory)
-  # Our programs compile in under a second, below JAX's default threshold for caching.
+  # Every program is cached, however quickly it compiles: ours fall below JAX's default threshold.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 

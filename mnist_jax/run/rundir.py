@@ -1,7 +1,7 @@
 """Owns the files of a run directory (`--workdir`): their names, how they are written and read.
 
   config.json          the resolved config (written when training starts)
-  metrics.jsonl        one JSON object per epoch (fields: metrics.py)
+  metrics.jsonl        one JSON object per epoch (fields: metrics.py, which checks them as read)
   final_metrics.json   the last epoch's record and the run's totals (written when training ends)
   predictions.npz      the trained model's test logits, labels and class names (for the report)
 
@@ -13,7 +13,6 @@ reader checks what it reads and raises `RunFileError` naming the file.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import tempfile
 import zipfile
@@ -23,7 +22,7 @@ from typing import IO, Any
 import ml_collections
 import numpy as np
 
-from mnist_jax import errors, metrics
+from mnist_jax import errors
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -115,37 +114,31 @@ def write_history(workdir: str, history: Sequence[dict[str, Any]]) -> None:
   write_text(os.path.join(workdir, METRICS), "".join(json.dumps(r) + "\n" for r in history))
 
 
-def check_record(record: Any, where: str) -> dict[str, Any]:
-  """An epoch's record as metrics.py describes it, else `RunFileError` naming `where`."""
-  if not isinstance(record, dict):
-    raise RunFileError(f"{where} is damaged (an epoch is a JSON {type(record).__name__})")
-  for field in ("epoch", "step"):
-    if not isinstance(record.get(field), int) or isinstance(record.get(field), bool):
-      raise RunFileError(f"{where} is damaged (an epoch without a whole number {field!r})")
-  for field in [metrics.key(split, name)
-                for split in metrics.splits_in(record) for name in metrics.METRICS]:
-    if not isinstance(record[field], numbers.Real):
-      raise RunFileError(f"{where} is damaged (epoch {record['epoch']}: {field} is no number)")
-  return record
+def _checked(record: Any, check_record: Callable[[Any], Any], path: str) -> dict[str, Any]:
+  try:
+    return check_record(record)
+  except ValueError as e:
+    raise RunFileError(f"{path} is damaged ({e})") from None
 
 
-def read_history(workdir: str) -> list[dict[str, Any]]:
-  """`metrics.jsonl` as a list of epoch records, at least one, each checked."""
+def read_history(workdir: str, check_record: Callable[[Any], Any]) -> list[dict[str, Any]]:
+  """`metrics.jsonl` as a list of epoch records, at least one, each passed by `check_record`
+  (`metrics.check_record`: it raises `ValueError` on a damaged record)."""
   path = os.path.join(workdir, METRICS)
   lines = [line for line in _read_text(path).splitlines() if line.strip()]
   if not lines:
     raise RunFileError(f"{path} holds no epoch; the run trained for zero epochs")
-  return [check_record(_parse_json(line, path, object), path) for line in lines]
+  return [_checked(_parse_json(line, path, object), check_record, path) for line in lines]
 
 
 def write_final(workdir: str, final: dict[str, Any]) -> None:
   write_text(os.path.join(workdir, FINAL_METRICS), json.dumps(final, indent=2) + "\n")
 
 
-def read_final(workdir: str) -> dict[str, Any]:
-  """`final_metrics.json`, checked as an epoch's record."""
+def read_final(workdir: str, check_record: Callable[[Any], Any]) -> dict[str, Any]:
+  """`final_metrics.json`, checked as an epoch's record by `check_record` (see read_history)."""
   path = os.path.join(workdir, FINAL_METRICS)
-  return check_record(_parse_json(_read_text(path), path, dict), path)
+  return _checked(_parse_json(_read_text(path), path, dict), check_record, path)
 
 
 def write_predictions(workdir: str, logits_NC: np.ndarray, labels_N: np.ndarray,

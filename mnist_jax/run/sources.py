@@ -143,7 +143,7 @@ def _prepare_bundled_mnist(data_dir: str | None) -> None:
 
     def _generate_examples(self, num_examples, data_path, label_path):
       # tfds stores PNG bytes as given, and Pillow encodes them faster than tfds' own encoder, a
-      # TensorFlow op an image (WORKSPACE.md, Results); decoded, the pixels are the same.
+      # TensorFlow op an image (docs/2026-12-01-speed-and-suite.md); decoded, the same pixels.
       for key, record in super()._generate_examples(num_examples, data_path, label_path):
         yield key, {**record, "image": _png(record["image"])}
 

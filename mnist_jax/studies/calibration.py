@@ -2,7 +2,7 @@
 
   ece = calibration.expected_calibration_error(probs_NC, labels_N)   # 15 equal-width bins
   temperature = calibration.fit_temperature(held_out_logits_NC, held_out_labels_N)
-  probs_NC = calibration.probabilities(logits_NC, temperature)
+  probs_NC = calibration.softmax_with_temperature(logits_NC, temperature)
 
 Confidence is the top class's probability. The bins split [0, 1] into 15 equal widths (a
 confidence of exactly 1 falls in the last); the expected calibration error (ECE) is the mean over
@@ -22,9 +22,13 @@ import ml_collections
 import numpy as np
 from jax.scipy import optimize
 
-from mnist_jax import data
+from mnist_jax import configs, data, errors
 
 NUM_BINS = 15
+
+
+class CalibrationError(errors.UserError):
+  """A temperature that cannot be fitted, with a message that says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,8 @@ def expected_calibration_error(probs_NC: np.ndarray, labels_N: np.ndarray,
   return float(np.sum(gaps * bins.counts[filled]) / len(labels_N))
 
 
-def probabilities(logits_NC: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def softmax_with_temperature(logits_NC: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+  """`softmax(logits / temperature)`, in float32 (log-probabilities may stand for logits)."""
   return np.asarray(jax.nn.softmax(jnp.asarray(logits_NC, jnp.float32) / temperature, axis=-1))
 
 
@@ -88,11 +93,14 @@ def held_out_split(config: ml_collections.ConfigDict) -> str | None:
 
   Not a slice of the training split: the model has learnt those examples, so it is right and
   sure of itself there, and a temperature fitted there sharpens its probabilities; for the seed
-  recipe that made the test NLL and ECE worse (WORKSPACE.md, "Calibration, attacks ...").
+  recipe that made the test NLL and ECE worse (docs/2026-12-01-studies.md). A split too small to
+  fit one on (`configs.check_validation_split`), as runs trained before that check may hold, is
+  refused.
   """
   if not config.validation_fraction:
     return None
   num_train = data.num_examples(config.dataset, "train", config.data_dir)
+  configs.check_validation_split(config, num_train)
   return data.holdout_splits(num_train, config.validation_fraction)[1]
 
 

@@ -4,9 +4,10 @@
   digit_28x28 = digits.mnist_like(image_HW)        # uint8, as MNIST frames its digits
 
 MNIST digits are white on black, scaled to fit a 20x20 box (keeping their aspect ratio) and
-placed in 28x28 with their centre of mass at the centre. `mnist_like` does the same to a photo or
-drawing of one digit on a plain background, inverting it first when the background is light; for
-a model of Fashion-MNIST, as that dataset frames its photos (`FRAMINGS`).
+placed in 28x28 with their centre of mass at the centre. `mnist_like` does the same to a photo,
+scan or drawing of one digit on paper, found as a person would see it (`ink.py`: uneven light,
+shadows, frames, page edges and specks are not the digit; where there is none it says so); for a
+model of Fashion-MNIST, as that dataset frames its photos (`FRAMINGS`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_jax import data, errors
+from mnist_jax.studies import ink
 
 MNIST_SIZE = 28
 # Images above this are refused unread; decoded, 25 MP of RGBA take 100 MB.
@@ -32,21 +34,22 @@ DIGIT_BOX = 20
 @dataclasses.dataclass(frozen=True)
 class Framing:
   """How a dataset places an object in its 28x28 images: scaled to fit a `box`x`box` square, then
-  its centre of mass (`by_mass`) or the centre of that box put at the image's centre."""
+  its centre of mass (`by_mass`) or the centre of that box put at the image's centre; `strokes`:
+  drawn in strokes (a digit, found as `ink.digit_ink` finds it), or a filled object."""
 
   box: int
   by_mass: bool
+  strokes: bool
 
 
 # As the datasets' authors describe their preparation: MNIST (LeCun et al.) by mass in 20x20,
 # Fashion-MNIST (Xiao et al., 2017) the longest side to 28 pixels, centred.
-FRAMINGS = {"mnist": Framing(DIGIT_BOX, by_mass=True),
-            "fashion_mnist": Framing(MNIST_SIZE, by_mass=False)}
+FRAMINGS = {"mnist": Framing(DIGIT_BOX, by_mass=True, strokes=True),
+            "fashion_mnist": Framing(MNIST_SIZE, by_mass=False, strokes=False)}
 
 # Pixels brighter than this fraction of the strongest stroke bound the digit (ignores faint noise).
 _INK_THRESHOLD = 0.2
-# An image whose strokes differ from the background by fewer grey levels holds no digit.
-_MIN_CONTRAST = 32.0
+_MIN_CONTRAST = ink.MIN_CONTRAST
 
 
 class ImageError(errors.UserError):
@@ -76,6 +79,8 @@ def load_image(path: str) -> np.ndarray:
       return np.asarray(ImageOps.exif_transpose(gray), np.float32)
   except FileNotFoundError:
     raise ImageError("no such file") from None
+  except PermissionError:
+    raise ImageError("permission denied") from None
   except IsADirectoryError:
     raise ImageError("is a directory, not an image") from None
   except UnidentifiedImageError:
@@ -123,10 +128,12 @@ def mnist_like(image: np.ndarray, dataset: str = "mnist") -> np.ndarray:
   """One digit (or object) image of any size (`[H, W]` or `[H, W, C]`, 0..255) as `dataset` draws
   its images: uint8 [28, 28].
 
-  The background is the median of the border pixels; a light one is inverted to black. The ink
-  above it is stretched to 0..255, cropped to the digit, resized to fit the dataset's box (20x20
-  for MNIST) and pasted with its centre of mass (MNIST) or its centre (Fashion-MNIST) at the
-  centre of 28x28.
+  A digit is found as a person sees it (`ink.digit_ink`): the paper's light is evened out, the
+  paper's side (light or dark) sets the polarity, and of the marks on it the digit is the main
+  one or ones; frames, borders, page edges and specks are left out. A Fashion-MNIST object is
+  what differs from the median of the border. The ink is stretched to 0..255, cropped, resized
+  to fit the dataset's box (20x20 for MNIST) and pasted with its centre of mass (MNIST) or its
+  centre (Fashion-MNIST) at the centre of 28x28.
 
   Raises:
     ImageError: no digit in the image, or a dataset whose framing is not in `FRAMINGS`.
@@ -136,14 +143,13 @@ def mnist_like(image: np.ndarray, dataset: str = "mnist") -> np.ndarray:
                      f"is of {dataset!r}; give images already framed as its own (preprocess=False)")
   framing = FRAMINGS[dataset]
   gray_HW = _to_gray(image)
-  border = np.concatenate([gray_HW[0], gray_HW[-1], gray_HW[:, 0], gray_HW[:, -1]])
-  background = float(np.median(border))
-  if background > 127.5:
-    gray_HW, background = 255.0 - gray_HW, 255.0 - background
-  ink_HW = np.clip(gray_HW - background, 0.0, None)
-  if ink_HW.max() < _MIN_CONTRAST:
-    raise ImageError("no digit found: the image is almost uniform")
-  ink_HW *= 255.0 / ink_HW.max()
+  if framing.strokes:
+    try:
+      ink_HW = ink.digit_ink(gray_HW)
+    except ink.NoDigit as e:
+      raise ImageError(f"no digit found: {e}") from None
+  else:
+    ink_HW = _object_ink(gray_HW)
   rows = np.flatnonzero((ink_HW > _INK_THRESHOLD * 255).any(axis=1))
   cols = np.flatnonzero((ink_HW > _INK_THRESHOLD * 255).any(axis=0))
   crop = ink_HW[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
@@ -163,6 +169,19 @@ def mnist_like(image: np.ndarray, dataset: str = "mnist") -> np.ndarray:
   canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
   canvas[top:top + height, left:left + width] = digit
   return np.round(canvas).astype(np.uint8)
+
+
+def _object_ink(gray_HW: np.ndarray) -> np.ndarray:
+  """What differs from the border's median, light, 0..255: a photographed object on a plain
+  background (filled, unlike a digit's strokes)."""
+  border = np.concatenate([gray_HW[0], gray_HW[-1], gray_HW[:, 0], gray_HW[:, -1]])
+  background = float(np.median(border))
+  if background > 127.5:
+    gray_HW, background = 255.0 - gray_HW, 255.0 - background
+  ink_HW = np.clip(gray_HW - background, 0.0, None)
+  if ink_HW.max() < _MIN_CONTRAST:
+    raise ImageError("no digit found: the image is almost uniform")
+  return ink_HW * (255.0 / ink_HW.max())
 
 
 def check_takes_28x28_grayscale(info: data.DatasetInfo, use: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mnist_jax.run import interrupts
 
 _SEED_MLP = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "experiments", "seed_mlp.py")
@@ -56,7 +59,7 @@ def _arrays():
 
 
 def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
-  from mnist_jax import pipelines, train  # pylint: disable=import-outside-toplevel
+  from mnist_jax import metrics, pipelines, train  # pylint: disable=import-outside-toplevel
   from mnist_jax.run import parallel, rundir  # pylint: disable=import-outside-toplevel
 
   if _CACHE_DIR.value:  # As main.py's --jax_cache_dir.
@@ -64,7 +67,7 @@ def _mnist_jax(config, pipeline: str) -> dict[str, Any]:
   config.input_pipeline = pipeline
   with tempfile.TemporaryDirectory() as workdir:
     _, final = train.train_and_evaluate(config, workdir)
-    epoch_times = [record["epoch_time_s"] for record in rundir.read_history(workdir)]
+    epoch_times = [record["epoch_time_s"] for record in rundir.read_history(workdir, metrics.check_record)]
   examples_on_device = pipelines.CHUNK_EXAMPLES if pipeline == "stream" else 70_000
   device_data_mb = examples_on_device * (28 * 28 + 4) / 2**20
   compile_s = final["compile_times_s"].get("train", 0.0)  # Not the test split's eval program.
@@ -82,6 +85,7 @@ def _command(config) -> dict[str, Any]:
   """`python -m mnist_jax.main` on the recipe as a user runs it a second time (data prepared, and
   every program it compiles in the compilation cache from a first, untimed run): its wall time
   against the training and compiling it reports."""
+  from mnist_jax import metrics  # pylint: disable=import-outside-toplevel
   from mnist_jax.run import rundir  # pylint: disable=import-outside-toplevel
 
   del config  # Given to the command by its flags.
@@ -98,7 +102,7 @@ def _command(config) -> dict[str, Any]:
       wall_s = time.perf_counter() - start
       if result.returncode != 0:
         return {"failed": (result.stderr.strip().splitlines() or ["no output"])[-1]}
-      final = rundir.read_final(workdir)
+      final = rundir.read_final(workdir, metrics.check_record)
     return {"wall_s": wall_s, "train_s": final["train_time_s"], "compile_s": final["compile_time_s"]}
 
   first = run()
@@ -276,16 +280,29 @@ _RUNNERS = {
 }
 
 
-def _run_child(loop: str, cache_dir: str) -> dict[str, Any]:
-  result = subprocess.run(
+def _run_child(loop: str, cache_dir: str, scratch: str) -> dict[str, Any]:
+  """Runs one loop in a child process, in a session of its own: Ctrl-C reaches this process
+  alone, which then ends the child's whole process group (the `command` loop's own child too).
+  The child's temporary files go under `scratch`, which this process removes."""
+  process = subprocess.Popen(
       [sys.executable, "-m", "mnist_jax.tools.bench", *sys.argv[1:], f"--child={loop}",
        f"--cache_dir={cache_dir}"],
-      capture_output=True, text=True, check=False,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+      env={**os.environ, "TMPDIR": scratch},
   )
-  if result.returncode != 0:
-    lines = result.stderr.strip().splitlines() or ["no output"]
+  try:
+    stdout, stderr = process.communicate()
+  except BaseException:  # Interrupted: no child outlives this process.
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    process.wait()
+    raise
+  if process.returncode != 0:
+    lines = stderr.strip().splitlines() or ["no output"]
     return {"failed": lines[-1]}
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -381,11 +398,14 @@ def main(argv: list[str]) -> None:
   if config.model != "mlp":
     sys.exit("mnist_jax.bench: compares MLPs only; use an MLP config")
   results: dict[str, list[dict[str, Any]]] = {}
-  for repeat in range(_REPEATS.value):
-    with tempfile.TemporaryDirectory() as cache_dir:
-      for loop in ["matmul_floor", *_LOOPS.value]:
-        print(f"run {repeat + 1}/{_REPEATS.value}: {loop}", file=sys.stderr, flush=True)
-        results.setdefault(loop, []).append(_run_child(loop, cache_dir))
+  # The children's temporary files (their workdirs) go under one directory of this process's,
+  # removed however it ends: a child ended by Ctrl-C cannot remove its own.
+  with tempfile.TemporaryDirectory() as scratch:
+    for repeat in range(_REPEATS.value):
+      with tempfile.TemporaryDirectory() as cache_dir:
+        for loop in ["matmul_floor", *_LOOPS.value]:
+          print(f"run {repeat + 1}/{_REPEATS.value}: {loop}", file=sys.stderr, flush=True)
+          results.setdefault(loop, []).append(_run_child(loop, cache_dir, scratch))
   print(f"epochs {config.num_epochs}, batch {config.batch_size}, hidden "
         f"{tuple(config.model_args.hidden_sizes)}, {_REPEATS.value} run(s) each, medians shown")
   print(_table(results, config))
@@ -397,4 +417,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  interrupts.exit_on_interrupt("mnist_jax.bench")
+  with interrupts.no_teardown_after_interrupt():
+    app.run(main)

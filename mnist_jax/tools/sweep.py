@@ -24,6 +24,7 @@ this module only picks a task's runs and writes whole files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -31,15 +32,16 @@ import io
 import math
 import os
 import re
+import signal
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
 
 from mnist_jax import configs, errors, metrics, train
 from mnist_jax.report import training
-from mnist_jax.run import parallel, rundir
+from mnist_jax.run import checkpoints, parallel, rundir
 
 Overrides = dict[str, Any]
 
@@ -121,6 +123,7 @@ def point_config(
       raise SweepError(f"the sweep sets config.{key} to {value!r}: {e}") from e
   try:
     configs.validate(result)
+    train.run_splits(result)  # Refuses a validation split too small to rank the points.
   except configs.ConfigError as e:
     raise SweepError(f"sweep point {point_name(overrides)}: {e}") from e
   return result
@@ -210,7 +213,7 @@ def unfinished(run_dir: str, config: ml_collections.ConfigDict) -> str | None:
   if final_time < os.path.getmtime(path(rundir.CONFIG)):
     return f"{rundir.FINAL_METRICS} is older than {rundir.CONFIG}"
   try:
-    rundir.read_final(run_dir)
+    rundir.read_final(run_dir, metrics.check_record)
   except rundir.RunFileError as e:
     return str(e)
   for name in (rundir.PREDICTIONS, rundir.REPORT):
@@ -234,7 +237,7 @@ def seed_results(workdir: str, runs: Sequence[Run]) -> list[dict[str, Any]] | No
     run_dir = os.path.join(workdir, run.name)
     if unfinished(run_dir, run.config) is not None:
       return None
-    final = rundir.read_final(run_dir)
+    final = rundir.read_final(run_dir, metrics.check_record)
     per_seed = {key[:-len("_per_seed")]: values for key, values in final.items()
                 if key.endswith("_per_seed")}
     num_models = len(next(iter(per_seed.values()), [None]))
@@ -327,6 +330,39 @@ def write_summary(workdir: str, points: Sequence[Point], runs: Sequence[Run], me
     written = texts
 
 
+@contextlib.contextmanager
+def _signals_seen() -> Iterator[Any]:
+  """Yields a function that raises `checkpoints.Stopped` if SIGINT or SIGTERM arrived since it
+  was last called, however it was handled: training turns one in a run's last epoch into a normal
+  end of that run, which must still end the sweep. Python's C-level handler writes every signal
+  it catches to the wakeup file descriptor, whichever Python handler is installed."""
+  read_fd, write_fd = os.pipe()
+  for fd in (read_fd, write_fd):
+    os.set_blocking(fd, False)
+  try:
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  except ValueError:  # Not the main thread, where Python handles no signal.
+    previous = None
+
+  def stop_if_signalled(after: str) -> None:
+    try:
+      caught = os.read(read_fd, 1024)
+    except BlockingIOError:
+      return
+    stops = [signum for signum in caught if signum in (signal.SIGINT, signal.SIGTERM)]
+    if stops:
+      name = signal.Signals(stops[0]).name
+      raise checkpoints.Stopped(f"sweep stopped by {name} {after}", stops[0])
+
+  try:
+    yield stop_if_signalled
+  finally:
+    if previous is not None:
+      signal.set_wakeup_fd(previous)
+    os.close(read_fd)
+    os.close(write_fd)
+
+
 def run_sweep(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -350,21 +386,24 @@ def run_sweep(
   if share.count > 1:
     print(f"sweep: share {share}: {len(mine)} of the {len(runs)} runs", flush=True)
   os.makedirs(workdir, exist_ok=True)
-  for run in mine:
-    run_dir = os.path.join(workdir, run.name)
-    where = f"sweep: point {run.number}/{len(points)} {run.point.name} seed {run.seed}"
-    reason = unfinished(run_dir, run.config)
-    if reason is None:
-      print(f"{where}: finished, skipped", flush=True)
-      continue
-    if _unreadable_final(run_dir, reason):
-      print(f"{where}: {reason}; training it again, from its checkpoints", flush=True)
-    print(f"{where} -> {run_dir}", flush=True)
-    state, _ = train.train_and_evaluate(run.config, run_dir,
-                                        allow_config_change=allow_config_change)
-    training.after_training(run.config, run_dir, state)
-    if writes:
-      write_summary(workdir, points, runs, metric, title or workdir)
+  with _signals_seen() as stop_if_signalled:
+    for run in mine:
+      run_dir = os.path.join(workdir, run.name)
+      where = f"sweep: point {run.number}/{len(points)} {run.point.name} seed {run.seed}"
+      reason = unfinished(run_dir, run.config)
+      if reason is None:
+        print(f"{where}: finished, skipped", flush=True)
+        continue
+      if _unreadable_final(run_dir, reason):
+        print(f"{where}: {reason}; training it again, from its checkpoints", flush=True)
+      print(f"{where} -> {run_dir}", flush=True)
+      state, _ = train.train_and_evaluate(run.config, run_dir,
+                                          allow_config_change=allow_config_change)
+      stop_if_signalled(f"in the last epoch of point {run.point.name} seed {run.seed}, which is "
+                        "saved")
+      training.after_training(run.config, run_dir, state)
+      if writes:
+        write_summary(workdir, points, runs, metric, title or workdir)
   rows = (write_summary(workdir, points, runs, metric, title or workdir) if writes
           else summary_rows(workdir, points, runs, metric)[0])
   _report_damaged(workdir, runs, share)
