@@ -1,4 +1,4 @@
-"""Shared fixtures: one tfds data dir for the whole session, prepared from the bundled MNIST."""
+"""Shared fixtures: one tfds data dir for the whole session, where MNIST's splits are kept."""
 
 import contextlib
 import io
@@ -13,18 +13,16 @@ import ml_collections
 import pytest
 
 from mnist_jax import configs, data
-from mnist_jax.run import parallel
+from mnist_jax.run import parallel, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
   """Every test, and every subprocess it starts, reads tfds data from one fresh directory: made
-  by pytest-xdist's controller, whose environment its workers inherit, and prepared by the first
-  worker that needs it (the other waits for it, as runs started together do).
-
-  Set before any test imports tfds, so the suite also proves that MNIST prepares from the bundled
-  files where nothing was prepared before.
+  by pytest-xdist's controller, whose environment its workers inherit, so that the suite also
+  proves that MNIST loads where nothing was kept before (and, with the `tf` extra, that tfds'
+  mnist prepares from the bundled files).
   """
   if not _is_worker(config):
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
@@ -49,11 +47,16 @@ def _is_worker(config) -> bool:
 
 # Modules whose tests need no MNIST, but for three in the last and the slow ones (left in place).
 # On pytest-xdist's workers, in this order, they run right after the first test, which does need
-# MNIST: while the worker that runs it prepares MNIST, the other runs these instead of waiting.
+# MNIST: while the worker that runs it reads MNIST, the other runs these instead of waiting.
 _NEED_NO_MNIST = ("test_configs.py", "test_models.py", "test_parallel.py", "test_checkpoints.py")
 
 
 def pytest_collection_modifyitems(config, items):
+  if not sources.have_tensorflow():
+    skip = pytest.mark.skip(reason="needs TensorFlow: pip install -e '.[tf]'")
+    for item in items:
+      if item.get_closest_marker("tf"):
+        item.add_marker(skip)
   if not _is_worker(config):  # One process: the order of the files.
     return
   is_early = lambda item: item.path.name in _NEED_NO_MNIST and not item.get_closest_marker("slow")
