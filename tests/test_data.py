@@ -152,7 +152,7 @@ def test_without_tensorflow_another_dataset_says_what_to_install(monkeypatch):
       load("fashion_mnist")
     assert str(error.value) == (
         "dataset 'fashion_mnist' needs TensorFlow (tensorflow is not installed): pip install -e "
-        "'.[tf]' (TensorFlow and tensorflow-datasets); only 'mnist' loads without it")
+        "'.[tf]'; only 'mnist' loads without it")
 
 
 def test_mnist_split_strings_beyond_index_slices_say_which_load():

@@ -81,4 +81,4 @@ def test_fashion_config_without_tensorflow_says_what_to_install(tmp_path, monkey
   assert result.returncode != 0 and result.stdout == ""
   assert result.stderr.strip() == (
       "mnist_jax: dataset 'fashion_mnist' needs TensorFlow (tensorflow is not installed): "
-      "pip install -e '.[tf]' (TensorFlow and tensorflow-datasets); only 'mnist' loads without it")
+      "pip install -e '.[tf]'; only 'mnist' loads without it")

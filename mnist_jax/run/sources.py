@@ -8,6 +8,7 @@ Prepared files are checked before tfds reads them, and an error while reading th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import glob
 import gzip
@@ -52,7 +53,8 @@ def info(name: str, data_dir: str | None) -> tuple[tuple[int, int, int], int, tu
   if is_bundled(name):
     return _MNIST_INFO
   features = prepared_builder(name, data_dir).info.features
-  return tuple(features["image"].shape), features["label"].num_classes, tuple(features["label"].names)
+  label = features["label"]
+  return tuple(features["image"].shape), label.num_classes, tuple(label.names)
 
 
 def identity(name: str, data_dir: str | None) -> str | None:
@@ -73,11 +75,8 @@ def identity(name: str, data_dir: str | None) -> str | None:
 
 
 def read_split(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-  """A split's uint8 images `[N, H, W, C]` and int32 labels `[N]`, in tfds' order.
-
-  MNIST's `train` and `test` come from the bundled files; anything else through tfds, as
-  `tfds.load(name, split=split)` gives it.
-  """
+  """A split's uint8 images `[N, H, W, C]` and int32 labels `[N]`, as `tfds.load(name, split)`
+  gives them: MNIST's `train` and `test` from the bundled files, anything else through tfds."""
   if is_bundled(name):
     if split not in MNIST_FILES:
       raise DataError(f"split {split!r} of MNIST: use 'train' or 'test', or an index slice of "
@@ -175,8 +174,7 @@ def prepare_tfds_mnist(data_dir: str | None = None) -> str:
 
     def _split_generators(self, dl_manager):
       del dl_manager  # Nothing to download: the files ship with this package.
-      return [tfds.core.SplitGenerator(name=split, gen_kwargs=dict(split=split))
-              for split in MNIST_FILES]
+      return [tfds.core.SplitGenerator(split, gen_kwargs={"split": split}) for split in MNIST_FILES]
 
     def _generate_examples(self, split):  # As tfds' MNIST: keyed by position in the files.
       images, labels = read_bundled_mnist(split, "images"), read_bundled_mnist(split, "labels")
@@ -185,10 +183,14 @@ def prepare_tfds_mnist(data_dir: str | None = None) -> str:
         Image.fromarray(image_HW).save(png, format="png")
         yield key, {"image": png.getvalue(), "label": int(label)}
 
-  builder = BundledMNIST(data_dir=data_dir)
-  if not builder.is_prepared():
-    with contextlib.redirect_stdout(io.StringIO()):  # tfds' own lines speak of a download.
-      builder.download_and_prepare()
+  os.makedirs(data_root(data_dir), exist_ok=True)
+  # Processes preparing at once take turns: the first prepares, the others find it prepared.
+  with open(os.path.join(data_root(data_dir), ".mnist_jax_prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
+    builder = BundledMNIST(data_dir=data_dir)
+    if not builder.is_prepared():
+      with contextlib.redirect_stdout(io.StringIO()):  # tfds' own lines speak of a download.
+        builder.download_and_prepare()
   return builder.data_dir
 
 
@@ -208,7 +210,7 @@ def import_tfds(name: str):
     return _import_tfds()
   except ImportError as e:
     raise DataError(f"dataset {name!r} needs TensorFlow ({e.name or e} is not installed): "
-                    "pip install -e '.[tf]' (TensorFlow and tensorflow-datasets); only 'mnist' loads without it") from None
+                    "pip install -e '.[tf]'; only 'mnist' loads without it") from None
 
 
 @functools.cache
@@ -260,8 +262,7 @@ def _download_and_prepare(name: str, builder) -> None:
   from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
 
   retries = {"MAX_RETRIES": 1} if hasattr(downloader, "MAX_RETRIES") else {}
-  downloads = os.path.join(root, "downloads")
-  watched = [root, downloads, os.path.join(downloads, builder.name),
+  watched = [root, os.path.join(root, "downloads"), os.path.join(root, "downloads", builder.name),
              os.path.join(root, builder.name), os.path.dirname(builder.data_dir)]
   before = {path: set(os.listdir(path)) for path in watched if os.path.isdir(path)}
   try:
@@ -297,8 +298,7 @@ def _damaged_files(builder) -> str | None:
 
 
 def _damaged(name: str, directory: str, reason: Any) -> DataError:
-  lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
-  gist = lines[0][:200] if lines else ""
+  gist = next((line.strip()[:200] for line in str(reason).splitlines() if line.strip()), "")
   gist = gist if isinstance(reason, str) else f"{type(reason).__name__}: {gist}"
   return DataError(f"tfds' prepared {name!r} in {directory} is damaged ({gist}); delete that "
                    f"directory, then prepare it again with `tfds build {name}`")
