@@ -1,4 +1,4 @@
-"""Shared fixtures: one tfds data dir for the whole session, prepared from the bundled MNIST."""
+"""Shared fixtures: one tfds data dir for the whole session, where MNIST's splits are kept."""
 
 import contextlib
 import io
@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from mnist_jax import configs, data
-from mnist_jax.run import parallel
+from mnist_jax.run import parallel, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,11 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pytest_configure(config):
   """Every test, and every subprocess it starts, reads tfds data from one fresh directory: made
   by the pytest process (with `-n`, pytest-xdist's controller, whose environment its workers
-  inherit), and prepared by the first test that needs it (other workers wait for it, as runs
-  started together do).
-
-  Set before any test imports tfds, so the suite also proves that MNIST prepares from the bundled
-  files where nothing was prepared before.
+  inherit), so that the suite also proves that MNIST loads where nothing was kept before (and,
+  with the `tf` extra, that tfds' mnist prepares from the bundled files).
   """
   if not _is_worker(config):
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mnist_jax_tfds_")
@@ -46,6 +43,14 @@ def pytest_unconfigure(config):
 
 def _is_worker(config) -> bool:
   return hasattr(config, "workerinput")  # Set by pytest-xdist on its workers' configs.
+
+
+def pytest_collection_modifyitems(config, items):
+  if not sources.have_tensorflow():
+    skip = pytest.mark.skip(reason="needs TensorFlow: pip install -e '.[tf]'")
+    for item in items:
+      if item.get_closest_marker("tf"):
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The data module on the real bundled MNIST: counts, order, checksums, both pipelines."""
+"""The data module and its sources: the bundled MNIST (counts, order, checksums, kept splits) and,
+with the `tf` extra, tfds (the same arrays, damaged files in one line)."""
 
 import hashlib
 import os
@@ -26,40 +27,54 @@ def test_splits_have_the_known_shapes_and_label_counts(mnist_train, mnist_test):
   assert np.bincount(mnist_test.labels_N).tolist() == TEST_COUNTS
 
 
-def test_tfds_and_numpy_paths_give_identical_arrays_in_identical_order(mnist_train):
-  # The session's train split was decoded by tfds once (by this process or another worker) and
-  # kept; the test split is decoded by tfds here.
-  loaded = {"train": mnist_train, "test": data.load_tfds("mnist", "test")}
-  for split, from_tfds in loaded.items():
-    from_numpy = data.load_bundled_mnist(split)
-    np.testing.assert_array_equal(from_numpy.images_NHWC, from_tfds.images_NHWC)
-    np.testing.assert_array_equal(from_numpy.labels_N, from_tfds.labels_N)
-
-
-def test_plain_tfds_load_works_once_prepared(mnist_test):
+@pytest.mark.tf
+def test_tfds_load_of_the_prepared_bundled_mnist_gives_the_same_arrays(mnist_train, mnist_test):
+  # As a user with the `tf` extra would: prepare tfds' mnist from the bundled files, then load it
+  # with tfds alone, whole and in the slices that training and validation use.
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  images, labels = tfds.as_numpy(tfds.load("mnist", split="test", batch_size=-1, as_supervised=True))
-  np.testing.assert_array_equal(images, mnist_test.images_NHWC)
-  np.testing.assert_array_equal(labels, mnist_test.labels_N)
+  sources.prepare_tfds_mnist()
+  ours = {"train": mnist_train, "test": mnist_test,
+          "train[54000:]": data.load_split("mnist", "train[54000:]")}
+  for split, split_ours in ours.items():
+    images, labels = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1,
+                                             as_supervised=True))
+    np.testing.assert_array_equal(images, split_ours.images_NHWC)
+    np.testing.assert_array_equal(labels, split_ours.labels_N)
 
 
-_LOAD_KEPT_WITHOUT_TENSORFLOW = """
+_LOAD_WITHOUT_TENSORFLOW = """
 import hashlib, sys
-sys.modules["tensorflow"] = None  # Any import of TensorFlow now fails,
+sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None  # Their imports now fail.
 from mnist_jax import data
-data.load_bundled_mnist = None  # and so does reading the bundled files.
+from mnist_jax.run import sources
+if sys.argv[1] == "kept":
+  sources.read_split = None  # Reading the bundled files now fails too.
 split = data.load_split("mnist", "train[100:]")
 print(data.dataset_info("mnist").num_classes, len(split), hashlib.sha256(split.images_NHWC).hexdigest())
 """
 
 
-def test_a_decoded_split_is_kept_and_loads_again_without_tensorflow(mnist_train):
-  del mnist_train  # Decoded, and so kept, in this session's data dir.
-  result = subprocess.run([sys.executable, "-c", _LOAD_KEPT_WITHOUT_TENSORFLOW],
+@pytest.mark.parametrize("where", ["kept", "bundled"])
+def test_mnist_loads_without_tensorflow_from_the_kept_split_or_the_bundled_files(
+    tmp_path, mnist_train, where):
+  # Kept in this session's data dir (once the fixture loaded it); read from the files in a new one.
+  env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path)} if where == "bundled" else None
+  result = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_TENSORFLOW, where], env=env,
                           capture_output=True, text=True, check=True)
-  digest = hashlib.sha256(data.load_bundled_mnist("train").images_NHWC[100:]).hexdigest()
+  digest = hashlib.sha256(mnist_train.images_NHWC[100:]).hexdigest()
   assert result.stdout.split() == ["10", "59900", digest]
+  if where == "bundled":  # And now kept there, for the next run.
+    assert len(list(tmp_path.glob("mnist_jax_decoded/mnist/*/train.npz"))) == 1
+
+
+def test_the_order_is_tfds_hash_order_of_the_files_positions(mnist_test):
+  # tfds' order is fixed by its hashing of keys (the tf test above checks it against tfds).
+  images, labels = (sources.read_bundled_mnist("test", kind) for kind in ("images", "labels"))
+  order = sources.tfds_order(10_000, "test")
+  assert sorted(order.tolist()) == list(range(10_000)) and order[:3].tolist() != [0, 1, 2]
+  np.testing.assert_array_equal(mnist_test.images_NHWC[..., 0], images[order])
+  np.testing.assert_array_equal(mnist_test.labels_N, labels[order])
 
 
 def test_a_damaged_kept_split_is_decoded_again(tmp_path, monkeypatch, mnist_test):
@@ -82,28 +97,16 @@ def test_num_examples_reads_labels_only_where_kept_or_bundled(monkeypatch, mnist
   monkeypatch.setattr(data, "load_split", load_split)
   assert {split: data.num_examples("mnist", split) for split in counts} == counts
   monkeypatch.setattr(data, "_kept_path", lambda name, filename, data_dir: None)
-  monkeypatch.setattr(data, "have_tensorflow", lambda: False)
   assert {split: data.num_examples("mnist", split) for split in counts} == counts
 
 
-def test_num_examples_of_a_damaged_kept_split_decodes_it(tmp_path, monkeypatch):
+def test_num_examples_of_a_damaged_kept_split_counts_the_bundled_labels(tmp_path, monkeypatch):
   kept = tmp_path / "test.npz"
   kept.write_bytes(b"not an npz file")
   monkeypatch.setattr(data, "_kept_path", lambda name, filename, data_dir: str(kept))
+  monkeypatch.setattr(sources, "read_split", None)  # Reading the images would fail.
   assert data.num_examples("mnist", "test[:10]") == 10
-  with np.load(kept) as arrays:  # Decoded and kept again.
-    assert len(arrays["labels"]) == 10_000
-
-
-@pytest.mark.slow
-def test_two_runs_preparing_a_fresh_data_dir_at_once_both_load_mnist(tmp_path):
-  load = "from mnist_jax import data; print(len(data.load_split('mnist', 'test')))"
-  env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path)}
-  runs = [subprocess.Popen([sys.executable, "-c", load], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for _ in range(2)]
-  for run in runs:
-    out, err = run.communicate(timeout=300)
-    assert run.returncode == 0 and out.split() == ["10000"], err
+  assert data.num_examples("mnist", "test") == 10_000
 
 
 def test_checksum_mismatch_names_the_file(tmp_path, monkeypatch):
@@ -114,8 +117,9 @@ def test_checksum_mismatch_names_the_file(tmp_path, monkeypatch):
   sums = (bundled / "SHA256SUMS").read_text().replace("0fa7898d", "0fa7898e")
   (bundled / "SHA256SUMS").write_text(sums)
   monkeypatch.setattr(sources, "BUNDLED_MNIST", bundled)
-  with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz fails its SHA-256"):
-    data.load_bundled_mnist("test")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "data"))  # Where nothing is kept.
+  with pytest.raises(sources.DataError, match="t10k-images-idx3-ubyte.gz fails its SHA-256"):
+    data.load_split("mnist", "test")
 
 
 def test_normalize_maps_pixels_to_unit_interval(mnist_test):
@@ -126,33 +130,34 @@ def test_normalize_maps_pixels_to_unit_interval(mnist_test):
   assert abs(standardized.mean()) < 0.05 and abs(standardized.std() - 1.0) < 0.05
 
 
-def test_stream_batches_match_the_in_memory_split(mnist_test):
-  batches = list(data.stream_batches("mnist", "test", batch_size=3000, mean=0.0, std=1.0))
-  assert [b["image"].shape for b in batches] == [(3000, 28, 28, 1)] * 4
-  assert [int(b["mask"].sum()) for b in batches] == [3000, 3000, 3000, 1000]
-  images = np.concatenate([b["image"] for b in batches])[:10_000]
-  labels = np.concatenate([b["label"] for b in batches])[:10_000]
-  expected = data.normalize(mnist_test.images_NHWC.astype(np.float32), 0.0, 1.0)
-  np.testing.assert_array_equal(images, expected)
-  np.testing.assert_array_equal(labels, mnist_test.labels_N)
-
-
-def test_shuffled_stream_is_a_seeded_permutation():
-  def first_labels(seed):
-    batches = data.stream_batches("mnist", "test", batch_size=4096, mean=0.0, std=1.0,
-                                  shuffle_seed=seed)
-    return [b["label"] for b in batches]
-
-  first, again, other = first_labels(1), first_labels(1), first_labels(2)
-  assert len(first) == 2  # 10,000 // 4096, the partial batch dropped.
-  np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
-  assert not np.array_equal(np.concatenate(first), np.concatenate(other))
-
-
+@pytest.mark.tf
 def test_unknown_dataset_is_a_clear_error():
-  with pytest.raises(data.DataError, match="unknown dataset 'no_such_dataset'"):
+  with pytest.raises(sources.DataError, match="unknown dataset 'no_such_dataset'"):
     data.dataset_info("no_such_dataset")
 
+
+@pytest.mark.parametrize("name", ["", "/tmp", "../..", "mnist/../../x", "Fashion MNIST"])
+def test_a_dataset_name_that_is_not_a_name_is_refused(name):
+  with pytest.raises(sources.DataError, match=r"is not a dataset name: use 'mnist' or a tfds name"):
+    data.dataset_info(name)
+
+
+def test_without_tensorflow_another_dataset_says_what_to_install(monkeypatch):
+  def no_tensorflow():
+    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+  monkeypatch.setattr(sources, "_import_tfds", no_tensorflow)
+  for load in (data.dataset_info, lambda name: data.load_split(name, "train[:10]")):
+    with pytest.raises(sources.DataError) as error:
+      load("fashion_mnist")
+    assert str(error.value) == (
+        "dataset 'fashion_mnist' needs TensorFlow (tensorflow is not installed): pip install -e "
+        "'.[tf]'; only 'mnist' loads without it")
+
+
+def test_mnist_split_strings_beyond_index_slices_say_which_load():
+  with pytest.raises(sources.DataError, match=r"split 'train\[:50%\]' of MNIST: use 'train' or"):
+    data.load_split("mnist", "train[:50%]")
 
 
 def _truncate(path, size):
@@ -169,49 +174,49 @@ def _flip_middle_byte(path):
 _TEST_RECORDS = "mnist-test.tfrecord-00000-of-00001"
 
 
+@pytest.fixture
+def tfds_mnist_copy(tmp_path, monkeypatch):
+  """tfds' mnist prepared from the bundled files, copied into a fresh data dir and read from there
+  as any tfds dataset is (not from the bundled files); its version directory."""
+  prepared = sources.prepare_tfds_mnist()
+  version_dir = tmp_path / "mnist" / os.path.basename(prepared)
+  shutil.copytree(prepared, version_dir)
+  monkeypatch.setattr(sources, "is_bundled", lambda name: False)
+  return version_dir
+
+
+@pytest.mark.tf
+def test_a_tfds_dataset_loads_through_tfds_and_is_kept(tfds_mnist_copy, mnist_test):
+  data_dir = str(tfds_mnist_copy.parent.parent)
+  split = data.load_split("mnist", "test[:10]", data_dir)
+  np.testing.assert_array_equal(split.images_NHWC, mnist_test.images_NHWC[:10])
+  assert data.dataset_info("mnist", data_dir).class_names == tuple("0123456789")
+  kept = list(tfds_mnist_copy.parent.parent.glob("mnist_jax_decoded/mnist/*/*"))
+  assert sorted(path.name for path in kept) == ["info.json", "test.npz"]
+
+
+@pytest.mark.tf
 @pytest.mark.parametrize("damage, reason", [
     (lambda d: os.remove(d / _TEST_RECORDS), "{dir}/" + _TEST_RECORDS + " is missing"),
     (lambda d: _truncate(d / _TEST_RECORDS, 1000), "split 'test' has 1000 bytes of files"),
-    (lambda d: os.remove(d / "dataset_info.json"), "no dataset_info.json"),
     (lambda d: _truncate(d / "dataset_info.json", 100), "ParseError"),
 ])
-def test_damaged_prepared_mnist_is_prepared_again(tmp_path, monkeypatch, capsys, mnist_test,
-                                                  damage, reason):
-  prepared = sources.prepared_builder("mnist", None).data_dir  # The suite's, whole.
-  version_dir = tmp_path / "mnist" / os.path.basename(prepared)
-  shutil.copytree(prepared, version_dir)
-  damage(version_dir)
-  # Preparing is tested where the suite first loads MNIST; here a copy of its result stands in.
-  monkeypatch.setattr(sources, "_prepare_bundled_mnist",
-                      lambda data_dir: shutil.copytree(prepared, version_dir))
-  split = data.load_tfds("mnist", "test", str(tmp_path))
-  np.testing.assert_array_equal(split.labels_N, mnist_test.labels_N)
-  err = capsys.readouterr().err
-  assert f"prepared mnist in {version_dir} is damaged ({reason.format(dir=version_dir)}" in err
-  assert "preparing it again" in err
+def test_a_damaged_tfds_dataset_is_one_line_that_names_its_directory(tfds_mnist_copy, damage,
+                                                                      reason):
+  damage(tfds_mnist_copy)
+  with pytest.raises(sources.DataError) as error:
+    data.load_split("mnist", "test", str(tfds_mnist_copy.parent.parent))
+  message = str(error.value)
+  assert message.startswith(f"tfds' prepared 'mnist' in {tfds_mnist_copy.parent}"), message
+  assert f"is damaged ({reason.format(dir=tfds_mnist_copy)}" in message
+  assert message.endswith("delete that directory, then prepare it again with `tfds build mnist`")
 
 
-def test_a_corrupted_record_is_found_by_its_digest_or_named_when_read(tmp_path, monkeypatch,
-                                                                      capfd, mnist_test):
-  prepared = sources.prepared_builder("mnist", None).data_dir
-  version_dir = tmp_path / "mnist" / os.path.basename(prepared)
-  shutil.copytree(prepared, version_dir)
-  _flip_middle_byte(version_dir / _TEST_RECORDS)
-  monkeypatch.setattr(sources, "_prepare_bundled_mnist",
-                      lambda data_dir: shutil.copytree(prepared, version_dir))
-  # The digests written when the package prepared MNIST find it before TensorFlow reads it.
-  split = data.load_tfds("mnist", "test", str(tmp_path))
-  np.testing.assert_array_equal(split.labels_N, mnist_test.labels_N)
-  assert f"{_TEST_RECORDS} differs from its SHA-256 at preparation" in capfd.readouterr().err
-
-  # Without them (a dataset tfds prepared itself), reading it names the directory, in one line:
+@pytest.mark.tf
+def test_a_corrupted_record_is_named_when_read_in_one_line(tfds_mnist_copy, capfd):
   # TensorFlow's C++ log lines about the record are held back.
-  _flip_middle_byte(version_dir / _TEST_RECORDS)
-  os.remove(version_dir / sources.PREPARED_DIGESTS)
-  with pytest.raises(data.DataError, match=rf"'mnist' in {version_dir} is damaged \(corrupted record "
-                                           rf"at \d+\); delete that directory"):
-    data.load_tfds("mnist", "test", str(tmp_path))
+  _flip_middle_byte(tfds_mnist_copy / _TEST_RECORDS)
+  with pytest.raises(sources.DataError, match=rf"'mnist' in {tfds_mnist_copy} is damaged "
+                                              rf"\(corrupted record at \d+\); delete that"):
+    data.load_split("mnist", "test", str(tfds_mnist_copy.parent.parent))
   assert "corrupted record" not in capfd.readouterr().err
-  with pytest.raises(data.DataError, match="corrupted record"):
-    list(data.stream_batches("mnist", "test", batch_size=1000, mean=0.0, std=1.0,
-                             data_dir=str(tmp_path)))

@@ -1,4 +1,5 @@
-"""The Fashion-MNIST configs train on `tfds.testing.mock_data`; offline they stop in one line."""
+"""The Fashion-MNIST configs train on `tfds.testing.mock_data`; offline, or without TensorFlow,
+they stop in one line."""
 
 import json
 import os
@@ -35,6 +36,7 @@ def mock_fashion_mnist(tmp_path, monkeypatch):
     yield
 
 
+@pytest.mark.tf
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fashion_mlp", "fashion_cnn"])
 def test_fashion_configs_train_on_mocked_fashion_mnist(tmp_path, mock_fashion_mnist, name):
@@ -56,10 +58,27 @@ def test_fashion_configs_train_on_mocked_fashion_mnist(tmp_path, mock_fashion_mn
   assert list(predictions["class_names"])[:2] == ["T-shirt/top", "Trouser"]
 
 
-def test_fashion_config_offline_is_one_clear_line(tmp_path):
-  result = main_in_process("--config=experiments/fashion_mlp.py:smoke", f"--workdir={tmp_path}")
+@pytest.mark.tf
+def test_fashion_config_offline_is_one_clear_line_and_leaves_nothing(tmp_path):
+  data_dir = tmp_path / "data"
+  result = main_in_process("--config=experiments/fashion_mlp.py:smoke", f"--workdir={tmp_path}/run",
+                           f"--config.data_dir={data_dir}")
   assert result.returncode != 0
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith("mnist_jax: dataset 'fashion_mnist' is not prepared in ")
   assert "cannot be downloaded here" in lines[0]
+  assert result.stdout == ""  # tfds' "Downloading and preparing" is held back,
+  assert not data_dir.exists()  # and its temporary directories removed.
+
+
+def test_fashion_config_without_tensorflow_says_what_to_install(tmp_path, monkeypatch):
+  def no_tensorflow():
+    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+  monkeypatch.setattr(sources, "_import_tfds", no_tensorflow)
+  result = main_in_process("--config=experiments/fashion_mlp.py:smoke", f"--workdir={tmp_path}")
+  assert result.returncode != 0 and result.stdout == ""
+  assert result.stderr.strip() == (
+      "mnist_jax: dataset 'fashion_mnist' needs TensorFlow (tensorflow is not installed): "
+      "pip install -e '.[tf]'; only 'mnist' loads without it")

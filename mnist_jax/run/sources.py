@@ -1,11 +1,8 @@
-"""Where a dataset's records come from: the MNIST files bundled with this package, and tfds'
-prepared data.
-
-tfds is the source of truth. MNIST ships with the package (the original IDX files), so that
-`tfds.load("mnist")` works on machines that reach no dataset host: the first `builder("mnist")`
-prepares it from the bundled files through tfds' own `MNIST` builder, and prepares it again where
-it was damaged. Any prepared dataset's files are checked before tfds reads them, and an error
-while reading them is one line (`DataError`). `data.py` turns what these give into arrays.
+"""Where a dataset's records come from: the MNIST files bundled with this package, read with numpy
+in the order `tfds.load("mnist")` gives (no TensorFlow, no network), and tfds' prepared data for
+other datasets, read with TensorFlow (the `tf` extra; without it, one line says what to install).
+Prepared files are checked before tfds reads them, and an error while reading them is one line
+(`DataError`). `data.py` turns what these give into splits; it is the only caller.
 """
 
 from __future__ import annotations
@@ -17,8 +14,8 @@ import glob
 import gzip
 import hashlib
 import importlib.resources
+import importlib.util
 import io
-import json
 import os
 import re
 import shutil
@@ -29,45 +26,87 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
-from PIL import Image
 
 from mnist_jax import errors
-from mnist_jax.run import rundir
 
 BUNDLED_MNIST = importlib.resources.files("mnist_jax") / "bundled" / "mnist"
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_MNIST_INFO = ((28, 28, 1), 10, tuple(str(digit) for digit in range(10)))
 _IDX_MAGIC = {"images": 2051, "labels": 2049}
+_DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_.]+)?(:[0-9.*]+)?$")  # emnist/digits:3.*
 
 
 class DataError(errors.UserError):
   """A dataset that cannot be loaded, with a message that says what to do."""
 
 
-def have_tensorflow() -> bool:
-  """Whether TensorFlow and tfds can be imported here."""
+def is_bundled(name: str) -> bool:
+  """Whether `name` loads from the files bundled with this package (with numpy only)."""
+  return name == "mnist"
+
+
+def info(name: str, data_dir: str | None) -> tuple[tuple[int, int, int], int, tuple[str, ...]]:
+  """Image shape, number of classes and class names of a dataset."""
+  if is_bundled(name):
+    return _MNIST_INFO
+  features = prepared_builder(name, data_dir).info.features
+  label = features["label"]
+  return tuple(features["image"].shape), label.num_classes, tuple(label.names)
+
+
+def identity(name: str, data_dir: str | None) -> str | None:
+  """A digest of the records `name` loads from, which changes when they do: of the bundled files'
+  checksums, or of tfds' `dataset_info.json` (None where tfds has prepared no `name`)."""
+  if is_bundled(name):
+    return "bundled-" + hashlib.sha256((BUNDLED_MNIST / "SHA256SUMS").read_bytes()).hexdigest()[:16]
+  check_name(name)
+  infos = glob.glob(os.path.join(glob.escape(data_root(data_dir)), name, "*", "dataset_info.json"))
+  if not infos:
+    return None
+  version = lambda path: [int(part) for part in re.findall(r"\d+", path.split(os.sep)[-2])]
   try:
-    import_tfds()
-  except ImportError:
-    return False
-  return True
+    with open(max(infos, key=version), "rb") as f:
+      return hashlib.sha256(f.read()).hexdigest()[:16]
+  except OSError:
+    return None
 
 
-@functools.cache
-def import_tfds():
-  """Imports tfds quietly, with TensorFlow kept off the accelerators JAX uses."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  # TensorFlow only decodes and batches here; without oneDNN it starts faster and says nothing.
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+def read_split(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """A split's uint8 images `[N, H, W, C]` and int32 labels `[N]`, as `tfds.load(name, split)`
+  gives them: MNIST's `train` and `test` from the bundled files, anything else through tfds."""
+  if is_bundled(name):
+    if split not in MNIST_FILES:
+      raise DataError(f"split {split!r} of MNIST: use 'train' or 'test', or an index slice of "
+                      "them such as 'train[:54000]'")
+    labels = read_bundled_mnist(split, "labels").astype(np.int32)
+    order = tfds_order(len(labels), split)
+    return read_bundled_mnist(split, "images")[order, ..., None], labels[order]
+  builder = prepared_builder(name, data_dir)
+  with read_errors(name, builder):
+    images, labels = import_tfds(name).as_numpy(
+        builder.as_dataset(split=split, batch_size=-1, as_supervised=True, shuffle_files=False))
+  return images, labels.astype(np.int32)
 
-  tf.config.set_visible_devices([], "GPU")
-  tf.get_logger().setLevel("ERROR")
-  tfds.disable_progress_bar()
-  return tfds
+
+def read_labels(name: str, split: str) -> np.ndarray | None:
+  """A bundled split's labels alone, in the files' order (for counting); None for other data."""
+  return read_bundled_mnist(split, "labels") if is_bundled(name) and split in MNIST_FILES else None
+
+
+def data_root(data_dir: str | None) -> str:
+  """The tfds data dir: `data_dir`, else `TFDS_DATA_DIR`, else tfds' default."""
+  return os.path.expanduser(
+      data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets"))
+
+
+def check_name(name: str) -> None:
+  """Refuses a dataset name that is not one (empty, a path, ...), before it names a directory."""
+  if not _DATASET_NAME.match(name or ""):
+    raise DataError(f"config.dataset={name!r} is not a dataset name: use 'mnist' or a tfds name "
+                    "such as 'fashion_mnist'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,85 +146,92 @@ def parse_idx(raw: bytes, kind: str) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=4 * (1 + ndim)).reshape(header[1:])
 
 
-# ---------------------------------------------------------------------------------------------
-# Preparing the bundled MNIST for tfds.
+def tfds_order(num_examples: int, split: str) -> np.ndarray:
+  """The order in which tfds stores examples keyed 0..num_examples-1 in `split`.
+
+  tfds sorts the examples of a split by the MD5 of the split name followed by the key (see
+  `tensorflow_datasets/core/hashing.py`); MNIST's keys are the positions in the original files.
+  """
+  salt = hashlib.md5(split.encode())
+
+  def hashed(key: int) -> bytes:
+    md5 = salt.copy()
+    md5.update(str(key).encode())
+    return md5.digest()
+
+  return np.array(sorted(range(num_examples), key=hashed))
 
 
-def _prepare_bundled_mnist(data_dir: str | None) -> None:
-  """Writes tfds' `mnist` into `data_dir` from the bundled files, with tfds' own builder."""
-  tfds = import_tfds()
-  extracted: dict[str, str] = {}
+def prepare_tfds_mnist(data_dir: str | None = None) -> str:
+  """Prepares tfds' `mnist` from the bundled files, so that `tfds.load("mnist")` works offline;
+  returns its directory. Needs the `tf` extra; this package's own runs never need it."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  tfds = import_tfds("mnist")
 
   class BundledMNIST(tfds.image_classification.MNIST, skip_registration=True):
     name = "mnist"
 
     def _split_generators(self, dl_manager):
       del dl_manager  # Nothing to download: the files ship with this package.
-      out_dir = os.path.join(self.data_dir_root, "downloads", "mnist_jax_bundled")
-      os.makedirs(out_dir, exist_ok=True)
-      for images_file, labels_file in MNIST_FILES.values():
-        for filename in (images_file, labels_file):
-          path = os.path.join(out_dir, filename)
-          with open(path, "wb") as f:
-            f.write(verified_mnist_bytes(filename))
-          extracted[filename] = path
-      return [
-          tfds.core.SplitGenerator(
-              name=split,
-              gen_kwargs=dict(
-                  num_examples=60_000 if split == "train" else 10_000,
-                  data_path=extracted[images_file],
-                  label_path=extracted[labels_file],
-              ),
-          )
-          for split, (images_file, labels_file) in MNIST_FILES.items()
-      ]
+      return [tfds.core.SplitGenerator(split, gen_kwargs={"split": split}) for split in MNIST_FILES]
 
-    def _generate_examples(self, num_examples, data_path, label_path):
-      # tfds stores PNG bytes as given, and Pillow encodes them faster than tfds' own encoder, a
-      # TensorFlow op an image (docs/2026-12-01-speed-and-suite.md); decoded, the same pixels.
-      for key, record in super()._generate_examples(num_examples, data_path, label_path):
-        yield key, {**record, "image": _png(record["image"])}
+    def _generate_examples(self, split):  # As tfds' MNIST: keyed by position in the files.
+      images, labels = read_bundled_mnist(split, "images"), read_bundled_mnist(split, "labels")
+      for key, (image_HW, label) in enumerate(zip(images, labels)):
+        png = io.BytesIO()  # tfds stores PNG bytes as given; Pillow encodes them fastest.
+        Image.fromarray(image_HW).save(png, format="png")
+        yield key, {"image": png.getvalue(), "label": int(label)}
 
-  builder = BundledMNIST(data_dir=data_dir)
-  print(f"mnist_jax: preparing tfds' mnist in {builder.data_dir} from the bundled files (once)",
-        file=sys.stderr, flush=True)
-  with contextlib.redirect_stdout(io.StringIO()):  # tfds' own lines speak of a download.
-    builder.download_and_prepare()
-  records = sorted(glob.glob(os.path.join(glob.escape(builder.data_dir), "*.tfrecord*")))
-  digests = {os.path.basename(path): _sha256(path) for path in records}
-  rundir.write_text(os.path.join(builder.data_dir, PREPARED_DIGESTS), json.dumps(digests, indent=1))
-
-
-def _png(image_HW1: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(image_HW1[..., 0]).save(buffer, format="png")
-  return buffer.getvalue()
-
-
-# Beside the record files of the MNIST this package prepares: their SHA-256 digests, so that a
-# damaged record is found before TensorFlow reads it (and prepared again) rather than while.
-PREPARED_DIGESTS = "mnist_jax_sha256.json"
-
-
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()  # MNIST's records: 23 MB.
+  os.makedirs(data_root(data_dir), exist_ok=True)
+  # Processes preparing at once take turns: the first prepares, the others find it prepared.
+  with open(os.path.join(data_root(data_dir), ".mnist_jax_prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
+    builder = BundledMNIST(data_dir=data_dir)
+    if not builder.is_prepared():
+      with contextlib.redirect_stdout(io.StringIO()):  # tfds' own lines speak of a download.
+        builder.download_and_prepare()
+  return builder.data_dir
 
 
 # ---------------------------------------------------------------------------------------------
 # tfds' prepared data, checked before it is read.
 
 
-def prepared_builder(name: str, data_dir: str | None):
-  """A prepared tfds builder for `name`, preparing the bundled MNIST where needed.
+def have_tensorflow() -> bool:
+  """Whether TensorFlow and tfds are installed here (the `tf` extra), found without importing."""
+  return all(importlib.util.find_spec(module) for module in ("tensorflow", "tensorflow_datasets"))
 
-  A prepared `name` whose files are missing, cut short or unreadable is damaged: MNIST is
-  prepared again (with a warning); another dataset is a `DataError` that says what to do.
-  """
-  tfds = import_tfds()
-  if name == "mnist":
-    return _prepared_mnist(data_dir)
+
+def import_tfds(name: str):
+  """Imports tfds quietly, with TensorFlow kept off the accelerators JAX uses; a `DataError`
+  that says what to install where it cannot be (`name`: the dataset that needs it)."""
+  try:
+    return _import_tfds()
+  except ImportError as e:
+    raise DataError(f"dataset {name!r} needs TensorFlow ({e.name or e} is not installed): "
+                    "pip install -e '.[tf]'; only 'mnist' loads without it") from None
+
+
+@functools.cache
+def _import_tfds():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # TensorFlow only decodes here; without oneDNN it starts faster and says nothing.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  tf.config.set_visible_devices([], "GPU")
+  tf.get_logger().setLevel("ERROR")
+  tfds.disable_progress_bar()
+  return tfds
+
+
+def prepared_builder(name: str, data_dir: str | None):
+  """A prepared tfds builder for `name`, downloading and preparing it where it can; a `DataError`
+  where it cannot be, or its files are missing or cut short."""
+  check_name(name)
+  tfds = import_tfds(name)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -200,26 +246,41 @@ def prepared_builder(name: str, data_dir: str | None):
     if damage:
       raise _damaged(name, builder.data_dir, damage)
     return builder
+  _download_and_prepare(name, builder)
+  return builder
+
+
+def _download_and_prepare(name: str, builder) -> None:
+  root = builder.data_dir_root
+  existing = root
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise DataError(f"dataset {name!r} is not prepared, and tfds' data dir {root} cannot be "
+                    "written; set config.data_dir or TFDS_DATA_DIR to a writable directory")
   # tfds retries a failed download ten times with backoff, minutes where there is no network.
   from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
 
   retries = {"MAX_RETRIES": 1} if hasattr(downloader, "MAX_RETRIES") else {}
+  watched = [root, os.path.join(root, "downloads"), os.path.join(root, "downloads", builder.name),
+             os.path.join(root, builder.name), os.path.dirname(builder.data_dir)]
+  before = {path: set(os.listdir(path)) for path in watched if os.path.isdir(path)}
   try:
-    with mock.patch.multiple(downloader, **retries):
-      builder.download_and_prepare()
+    with mock.patch.multiple(downloader, **retries), contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()  # Its "Downloading and preparing ..." is held back.
   except Exception as e:  # tfds raises many kinds of errors for a failed download.
+    # What this attempt left (temporary and incomplete directories) goes.
+    left = [root] if root not in before else [
+        os.path.join(path, entry) for path, entries in before.items() if os.path.isdir(path)
+        for entry in set(os.listdir(path)) - entries]
+    for path in left:
+      with contextlib.suppress(OSError):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     raise DataError(
         f"dataset {name!r} is not prepared in {builder.data_dir} and cannot be downloaded here "
         f"({type(e).__name__}); run `tfds build {name}` on a machine with network access and "
         f"copy its data dir here (set config.data_dir or TFDS_DATA_DIR)"
     ) from e
-  return builder
-
-
-def data_root(data_dir: str | None) -> str:
-  """The tfds data dir: `data_dir`, else `TFDS_DATA_DIR`, else tfds' default."""
-  return os.path.expanduser(
-      data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join("~", "tensorflow_datasets"))
 
 
 def _damaged_files(builder) -> str | None:
@@ -233,75 +294,14 @@ def _damaged_files(builder) -> str | None:
       return f"{split.filepaths[sizes.index(None)]} is missing"
     if sum(sizes) != expected:
       return f"split {split.name!r} has {sum(sizes)} bytes of files, not {expected}"
-  try:
-    with open(os.path.join(builder.data_dir, PREPARED_DIGESTS), encoding="utf-8") as f:
-      digests = json.load(f)
-  except FileNotFoundError:  # Prepared by tfds itself: a damaged record shows when it is read.
-    return None
-  except (OSError, ValueError) as e:
-    return f"{PREPARED_DIGESTS} cannot be read ({type(e).__name__})"
-  for name, digest in sorted(digests.items()) if isinstance(digests, dict) else [("?", None)]:
-    path = os.path.join(builder.data_dir, name)
-    if not os.path.exists(path) or _sha256_once(path, os.stat(path).st_mtime_ns) != digest:
-      return f"{name} differs from its SHA-256 at preparation"
   return None
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256_once(path: str, mtime_ns: int) -> str:
-  """`_sha256` of a file, read once a process while it is not rewritten (the benchmark's tf.data
-  loop opens MNIST every epoch)."""
-  del mtime_ns  # Part of the cache key only.
-  return _sha256(path)
-
-
 def _damaged(name: str, directory: str, reason: Any) -> DataError:
-  again = (", and the next run prepares it again from the bundled files" if name == "mnist"
-           else f", then prepare it again with `tfds build {name}`")
-  return DataError(f"tfds' prepared {name!r} in {directory} is damaged ({_gist(reason)}); "
-                   f"delete that directory{again}")
-
-
-def _gist(reason: Any) -> str:
-  lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
-  text = lines[0][:200] if lines else ""
-  return text if isinstance(reason, str) else f"{type(reason).__name__}: {text}"
-
-
-def _prepared_mnist(data_dir: str | None):
-  """tfds' mnist, prepared from the bundled files where it is not prepared or is damaged."""
-  tfds = import_tfds()
-  version = str(tfds.image_classification.MNIST.VERSION)
-  version_dir = os.path.join(data_root(data_dir), "mnist", version)
-
-  def prepared(repair: bool):
-    """The builder if prepared and whole, else None; with `repair`, a damaged one is removed
-    (with a warning)."""
-    try:
-      builder = tfds.builder("mnist", data_dir=data_dir)
-      damage = _damaged_files(builder) if builder.is_prepared() else None
-    except Exception as e:  # pylint: disable=broad-except  # A damaged dataset_info.json, ...
-      builder, damage = None, _gist(e)
-    if builder is not None and builder.is_prepared() and damage is None:
-      return builder
-    if repair and os.path.exists(version_dir) and (damage or os.listdir(version_dir)):
-      print(f"mnist_jax: warning: tfds' prepared mnist in {version_dir} is damaged "
-            f"({damage or 'no dataset_info.json'}); preparing it again", file=sys.stderr,
-            flush=True)
-      shutil.rmtree(version_dir)
-    return None
-
-  builder = prepared(repair=False)
-  if builder is None:
-    # Runs started together on a fresh data dir take turns: the first prepares, the others find it.
-    os.makedirs(os.path.dirname(version_dir), exist_ok=True)
-    with open(os.path.join(os.path.dirname(version_dir), ".mnist_jax_prepare.lock"), "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
-      builder = prepared(repair=True)
-      if builder is None:
-        _prepare_bundled_mnist(data_dir)
-        builder = tfds.builder("mnist", data_dir=data_dir)
-  return builder
+  gist = next((line.strip()[:200] for line in str(reason).splitlines() if line.strip()), "")
+  gist = gist if isinstance(reason, str) else f"{type(reason).__name__}: {gist}"
+  return DataError(f"tfds' prepared {name!r} in {directory} is damaged ({gist}); delete that "
+                   f"directory, then prepare it again with `tfds build {name}`")
 
 
 @contextlib.contextmanager

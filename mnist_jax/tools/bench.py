@@ -44,7 +44,7 @@ _LOOPS = flags.DEFINE_list(
     "its time beyond training and compiling is shown below the table.",
 )
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one loop and print its JSON line.")
-_NO_TENSORFLOW = "TensorFlow is not installed (the device pipeline and PyTorch run without it)"
+_NO_TENSORFLOW = "needs TensorFlow: pip install -e '.[tf]'"
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, "Internal: the JAX loops' persistent compilation cache, new each repeat.")
 
@@ -119,25 +119,49 @@ def _jax_device() -> str:
 
 
 def _tfdata_only(config) -> dict[str, Any]:
-  from mnist_jax import data  # pylint: disable=import-outside-toplevel
+  """tf.data alone, as a Keras or TensorFlow user would feed MNIST: shuffled, batched and
+  normalized from tfds' prepared files, with no model."""
+  from mnist_jax.run import sources  # pylint: disable=import-outside-toplevel
 
-  if not data.have_tensorflow():
+  if not sources.have_tensorflow():
     return {"skipped": _NO_TENSORFLOW}
   epoch_times = []
   for epoch in range(config.num_epochs):
     start = time.perf_counter()
-    for _ in data.stream_batches("mnist", "train", batch_size=config.batch_size, mean=0.0,
-                                 std=1.0, shuffle_seed=epoch):
+    for _ in tfdata_batches("mnist", "train", config.batch_size, shuffle_seed=epoch):
       pass
     epoch_times.append(time.perf_counter() - start)
   return {"train_s": sum(epoch_times), "epoch_times_s": epoch_times}
 
 
-def _keras(config) -> dict[str, Any]:
+def tfdata_batches(name: str, split: str, batch_size: int, shuffle_seed: int,
+                   data_dir: str | None = None):
+  """One shuffled pass of tf.data over tfds' prepared `split`, as numpy `(images, labels)` batches
+  in [0, 1], the last partial batch dropped. MNIST is prepared for tfds where it is not."""
   from mnist_jax import data  # pylint: disable=import-outside-toplevel
+  from mnist_jax.run import sources  # pylint: disable=import-outside-toplevel
 
-  if not data.have_tensorflow():  # The same quiet TensorFlow start-up as the project's.
+  tfds = sources.import_tfds(name)
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  if sources.is_bundled(name):
+    sources.prepare_tfds_mnist(data_dir)
+  builder = sources.prepared_builder(name, data_dir)
+  ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+  ds = ds.shuffle(60_000, seed=shuffle_seed, reshuffle_each_iteration=False)
+  ds = ds.batch(batch_size, drop_remainder=True).map(
+      lambda images, labels: (data.normalize(tf.cast(images, tf.float32), 0.0, 1.0), labels),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  with sources.read_errors(name, builder):
+    yield from tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _keras(config) -> dict[str, Any]:
+  from mnist_jax.run import sources  # pylint: disable=import-outside-toplevel
+
+  if not sources.have_tensorflow():
     return {"skipped": _NO_TENSORFLOW}
+  sources.import_tfds("mnist")  # The same quiet TensorFlow start-up as the project's.
   import keras  # pylint: disable=import-outside-toplevel
 
   x_train, y_train, x_test, y_test = _arrays()
