@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 from mnist_jax import errors
@@ -90,9 +91,15 @@ def remove_unfinished_saves(workdir: str, step: int | None = None) -> None:
   never lists them, and only the holder of the workdir's lock writes checkpoints."""
   directory = _checkpoint_dir(workdir)
   pattern = rf"{'[0-9]+' if step is None else step}\.orbax-checkpoint-tmp.*"
-  for name in os.listdir(directory) if os.path.isdir(directory) else []:
-    if re.fullmatch(pattern, name):
+  # After a failed save, writes orbax had under way may still land for a moment: remove again.
+  for _ in range(20):
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    leftovers = [name for name in names if re.fullmatch(pattern, name)]
+    if not leftovers:
+      return
+    for name in leftovers:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    time.sleep(0.05)
 
 
 def set_aside(workdir: str, step: int) -> None:

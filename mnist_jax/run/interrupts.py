@@ -35,6 +35,22 @@ def exit_on_interrupt(command: str = "mnist_jax") -> None:
     raise Interrupted(128 + signum)
 
   signal.signal(signal.SIGINT, interrupted)
+  hook = sys.unraisablehook
+
+  def unraisable(info: Any) -> None:
+    # Raised where Python can only print it and go on (a `__del__`, a weakref callback): end the
+    # process here instead, its one line already written.
+    if isinstance(info.exc_value, Interrupted):
+      _exit_now(info.exc_value.code)
+    hook(info)
+
+  sys.unraisablehook = unraisable
+
+
+def _exit_now(status: int) -> None:
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager
@@ -45,6 +61,4 @@ def no_teardown_after_interrupt() -> Iterator[None]:
   try:
     yield
   except Interrupted as e:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(e.code)  # pylint: disable=protected-access
+    _exit_now(e.code)
