@@ -13,7 +13,7 @@ from mnist_jax import data, steps, train
 INFO = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
 
 
-@pytest.mark.parametrize("experiment", ["cnn", "mlp_regularized", "fast_mlp"])
+@pytest.mark.parametrize("experiment", [pytest.param("cnn", marks=pytest.mark.slow), "mlp_regularized", "fast_mlp"])
 def test_each_experiment_model_lowers_its_loss_on_a_fixed_batch(mnist_train, experiment):
   config = load_config(experiment)
   state = steps.create_train_state(config, INFO, jax.random.PRNGKey(0), steps_per_epoch=100)
@@ -47,6 +47,7 @@ def test_stopped_early_counts_epochs_since_the_best():
   assert not train.stopped_early(history, "val_accuracy", 0)
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.num_epochs, config.validation_fraction, config.early_stopping_patience = 5, 0.1, 1

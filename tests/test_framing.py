@@ -118,6 +118,7 @@ def test_a_page_without_a_digit_is_refused_not_guessed(page):
     digits.mnist_like(np.clip(image_HW, 0, 255))
 
 
+@pytest.mark.slow
 def test_the_renderings_command_writes_each_condition_and_one_table(two_epoch_run, tmp_path):
   out = tmp_path / "photos"
   result = subprocess.run(

@@ -8,6 +8,7 @@ import pytest
 from conftest import main_in_process, run_main
 
 
+@pytest.mark.slow
 def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
   del mnist_test  # Prepared already, as it is after the first run.
   result = run_main("--config=experiments/seed_mlp.py", "--config.num_epochs=1",

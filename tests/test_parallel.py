@@ -152,6 +152,7 @@ def test_two_processes_on_localhost_train_like_one(tmp_path):
   assert "epoch 1/1" not in (tmp_path / "log1").read_text()
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_among_devices_names_sizes_that_do(tmp_path, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", EIGHT_DEVICES)
   result = run_main(*_smoke_flags(tmp_path / "run", 1, "--config.batch_size=100"))
@@ -171,6 +172,7 @@ def test_cluster_flags_need_multihost(tmp_path, flag):
   assert result.stderr.strip() == f"mnist_jax: --{flag[2:].split('=')[0]} needs --multihost"
 
 
+@pytest.mark.slow
 def test_a_process_whose_peers_never_come_gives_up_in_one_line(tmp_path):
   address = f"localhost:{_free_port()}"
   result = run_main(*_smoke_flags(tmp_path / "run", 1), "--multihost", f"--coordinator_address={address}",
@@ -233,6 +235,7 @@ def _check_padding_on_eight_devices():
   np.testing.assert_allclose(float(got["loss"]), float(expected["loss"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_rows_are_never_drawn_or_counted():
   result = subprocess.run(
       [sys.executable, "-c", "import test_parallel; test_parallel._check_padding_on_eight_devices()"],

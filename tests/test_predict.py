@@ -44,6 +44,7 @@ def test_eval_prints_the_test_metrics_training_reported_for_the_best_checkpoint(
           f"test_examples 10000") in result.stdout
 
 
+@pytest.mark.slow
 def test_eval_on_devices_that_divide_neither_batch_size_gives_the_same_metrics(workdir,
                                                                                 monkeypatch):
   # Trained on one device at batch 128, eval batch 1024; evaluated on three devices, which divide

@@ -113,6 +113,7 @@ def test_tensorboard_reader_finds_the_scalars_and_the_figures(trained):
   assert len(tags) == len(metrics.scalars(final)) + len(REPORT_FIGURES)
 
 
+@pytest.mark.slow
 def test_a_validation_split_shows_wherever_the_test_split_does(tmp_path):
   config = load_config("seed_mlp", "smoke")
   config.validation_fraction = 0.1
@@ -156,6 +157,7 @@ def test_damaged_temperature_or_saliency_maps_in_predictions_are_refused(tmp_pat
     rundir.read_predictions(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
   workdir, _ = trained
   copy = tmp_path / "copy"

@@ -123,6 +123,7 @@ def _labelled_folder(root, mnist_test, count):
   return root
 
 
+@pytest.mark.slow
 def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model, mnist_test,
                                                                  tmp_path):
   folder = _labelled_folder(tmp_path / "digits", mnist_test, 120)

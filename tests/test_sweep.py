@@ -103,6 +103,7 @@ def test_points_group_seeds_and_get_safe_distinct_names():
     sweep.group_points([{"dataset": "a b"}, {"dataset": "a/b"}], default_seed=0)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_count_one_by_one_and_validation_accuracy_ranks(tmp_path, fast_runs):
   del fast_runs
   config = load_config("lr_batch_sweep", "smoke")

@@ -102,6 +102,7 @@ def test_train_epoch_trains_on_the_examples_of_its_order(mnist_test):
   assert (np.argmax(logits, -1) == 3).all()
 
 
+@pytest.mark.slow
 def test_both_pipelines_train_the_same_model(tmp_path, monkeypatch):
   config = load_config("seed_mlp", "smoke")
   config.validation_fraction = 0.1
