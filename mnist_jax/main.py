@@ -180,16 +180,16 @@ def _train() -> None:
   from mnist_jax import train  # pylint: disable=import-outside-toplevel
   from mnist_jax.report import training  # pylint: disable=import-outside-toplevel
   from mnist_jax.run import checkpoints  # pylint: disable=import-outside-toplevel
-  from mnist_jax.tools import sweep  # pylint: disable=import-outside-toplevel
+  from mnist_jax.tools import shares, sweep  # pylint: disable=import-outside-toplevel
 
   resume = f"resume with: python -m mnist_jax.main {shlex.join(sys.argv[1:])}"
   try:
     if _MODE.value == "sweep":
       filename = config_flags.get_config_filename(flags.FLAGS["config"])
       if _SWEEP_SHARD.value is not None:
-        share = sweep.parse_share(_SWEEP_SHARD.value)
+        share = shares.parse_share(_SWEEP_SHARD.value)
       else:  # Inside a SLURM array, the task's own share; elsewhere the whole sweep.
-        share = sweep.array_share(*(os.environ.get(f"SLURM_ARRAY_TASK_{name}")
+        share = shares.array_share(*(os.environ.get(f"SLURM_ARRAY_TASK_{name}")
                                     for name in ("ID", "COUNT", "MIN", "MAX", "STEP")))
       sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.load_sweep(filename), title=filename,
                       allow_config_change=_ALLOW_CONFIG_CHANGE.value, share=share)

@@ -39,9 +39,9 @@ def test_quick_benchmark_from_another_directory_prints_a_row_per_loop(tmp_path):
 
 _TFDATA_EPOCHS = """
 import numpy as np
-from mnist_jax.tools import bench
+from mnist_jax.tools import bench_others
 def labels(seed):
-  return np.concatenate([labels for _, labels in bench.tfdata_batches("mnist", "test", 4096, seed)])
+  return np.concatenate([labels for _, labels in bench_others.tfdata_batches("mnist", "test", 4096, seed)])
 first, again, other = labels(1), labels(1), labels(2)
 print(len(first), (first == again).all(), (first == other).all(), np.bincount(first).sum())
 """

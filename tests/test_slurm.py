@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, load_config
 from mnist_jax.studies import predict
-from mnist_jax.tools import sweep
+from mnist_jax.tools import sweep, sweep_tables
 from slurm_cluster import SlurmCluster, install_reason
 from test_parallel import PARALLEL_BATCH, _free_port, _smoke_flags, _wait_for_all, _worker
 
@@ -85,7 +85,7 @@ def test_srun_with_two_tasks_trains_as_two_processes_do(slurm, tmp_path):
 
 def _accuracy_rows(workdir):
   """The summary's rows without the run times, which differ from run to run."""
-  with open(workdir / sweep.SUMMARY_CSV, newline="") as f:
+  with open(workdir / sweep_tables.SUMMARY_CSV, newline="") as f:
     return [{key: value for key, value in row.items() if not key.startswith("train_time_s")}
             for row in csv.DictReader(f)]
 

@@ -11,7 +11,7 @@ from conftest import REPO, load_config, main_in_process
 from mnist_jax import data, train
 from mnist_jax.report import training
 from mnist_jax.run import rundir
-from mnist_jax.tools import sweep
+from mnist_jax.tools import shares, sweep, sweep_tables
 
 SMOKE = os.path.join(REPO, "experiments", "lr_batch_sweep.py")
 
@@ -163,18 +163,18 @@ def test_a_config_file_without_get_sweep_is_refused(tmp_path):
 
 
 def test_shares_of_a_sweep_come_from_the_flag_or_a_slurm_array():
-  assert sweep.parse_share("1/4") == sweep.Share(1, 4)
-  assert sweep.array_share(None, None, None, None, None) == sweep.Share(0, 1)
-  assert sweep.array_share("3", "4", "0", "3", None) == sweep.Share(3, 4)
-  assert sweep.array_share("5", "8", "1", "8", None) == sweep.Share(4, 8)  # --array=1-8%2.
-  assert sweep.array_share("6", "4", "0", "6", "2") == sweep.Share(3, 4)  # --array=0-6:2.
+  assert shares.parse_share("1/4") == shares.Share(1, 4)
+  assert shares.array_share(None, None, None, None, None) == shares.Share(0, 1)
+  assert shares.array_share("3", "4", "0", "3", None) == shares.Share(3, 4)
+  assert shares.array_share("5", "8", "1", "8", None) == shares.Share(4, 8)  # --array=1-8%2.
+  assert shares.array_share("6", "4", "0", "6", "2") == shares.Share(3, 4)  # --array=0-6:2.
   for text in ("4/4", "1", "a/2", "-1/2", "", "1/0"):
-    with pytest.raises(sweep.SweepError, match=r"is not i/n with 0 <= i < n"):
-      sweep.parse_share(text)
-  with pytest.raises(sweep.SweepError, match="do not form a range; submit with sbatch --array"):
-    sweep.array_share("5", "3", "1", "7", None)  # --array=1,5,7.
-  with pytest.raises(sweep.SweepError, match="SLURM_ARRAY_TASK_COUNT, _MIN or _MAX is missing"):
-    sweep.array_share("0", None, None, None, None)
+    with pytest.raises(shares.ShareError, match=r"is not i/n with 0 <= i < n"):
+      shares.parse_share(text)
+  with pytest.raises(shares.ShareError, match="do not form a range; submit with sbatch --array"):
+    shares.array_share("5", "3", "1", "7", None)  # --array=1,5,7.
+  with pytest.raises(shares.ShareError, match="SLURM_ARRAY_TASK_COUNT, _MIN or _MAX is missing"):
+    shares.array_share("0", None, None, None, None)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -205,11 +205,11 @@ def test_shares_train_every_run_once_and_a_seed_is_finished_only_with_everything
     return real_train(config, workdir, **kwargs)
 
   monkeypatch.setattr(train, "train_and_evaluate", counting_train)
-  rows = sweep.run_sweep(config, str(tmp_path), points, share=sweep.Share(1, 2))
+  rows = sweep.run_sweep(config, str(tmp_path), points, share=shares.Share(1, 2))
   assert trained == ["learning_rate=0.001/seed_1", "learning_rate=0.003/seed_1"]
   assert rows == []  # No point has all its seeds yet.
   assert "0 of 2 points finished" in (tmp_path / "sweep_summary.md").read_text()
-  rows = sweep.run_sweep(config, str(tmp_path), points, share=sweep.Share(0, 2))
+  rows = sweep.run_sweep(config, str(tmp_path), points, share=shares.Share(0, 2))
   runs = sweep.sweep_runs(config, sweep.group_points(points, config.seed))
   assert sorted(trained) == sorted(run.name for run in runs)  # Each run once.
   summary = (tmp_path / "sweep_summary.csv").read_text()
@@ -238,7 +238,7 @@ def test_shares_train_every_run_once_and_a_seed_is_finished_only_with_everything
 
   # Another share's damaged run is named, with the share that trains it again.
   final.write_text("{")
-  rows = sweep.run_sweep(config, str(tmp_path), points, share=sweep.Share(1, 2))
+  rows = sweep.run_sweep(config, str(tmp_path), points, share=shares.Share(1, 2))
   share = next(i % 2 for i, run in enumerate(runs) if tmp_path / run.name == run_dirs[2])
   assert share == 0 and len(rows) == 1
   lines = [line for line in capsys.readouterr().out.splitlines() if "is damaged" in line]
@@ -278,4 +278,4 @@ def test_the_last_summary_holds_every_run_finished_while_another_task_wrote_it(
   assert [row["point"] for row in _csv_rows(tmp_path)] == [row["point"] for row in rows]
   assert "3 of 3 points finished" in (tmp_path / "sweep_summary.md").read_text()
   assert sorted(os.listdir(tmp_path)) == sorted(  # No temporary files left.
-      [sweep.SUMMARY_CSV, sweep.SUMMARY_MD, *(run.point.name for run in runs)])
+      [sweep_tables.SUMMARY_CSV, sweep_tables.SUMMARY_MD, *(run.point.name for run in runs)])

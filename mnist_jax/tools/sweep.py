@@ -25,15 +25,11 @@ this module only picks a task's runs and writes whole files.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
-import math
 import os
 import re
 import signal
-import statistics
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -42,10 +38,10 @@ import ml_collections
 from mnist_jax import configs, errors, metrics, train
 from mnist_jax.report import training
 from mnist_jax.run import checkpoints, parallel, rundir
+from mnist_jax.tools import shares, sweep_tables
 
 Overrides = dict[str, Any]
 
-SUMMARY_MD, SUMMARY_CSV = "sweep_summary.md", "sweep_summary.csv"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 _MAX_NAME = 120
 
@@ -130,49 +126,6 @@ def point_config(
 
 
 @dataclasses.dataclass(frozen=True)
-class Share:
-  """The runs one of several processes trains: of the sweep's runs in order (each point's seeds
-  in turn), those whose position is `index` modulo `count`."""
-
-  index: int = 0
-  count: int = 1
-
-  def __str__(self) -> str:
-    return f"{self.index}/{self.count}"
-
-
-def parse_share(text: str) -> Share:
-  """`--sweep_shard=i/n`: share `i` (from 0) of `n`."""
-  index, _, count = text.partition("/")
-  if not (index.strip().isdigit() and count.strip().isdigit()) or not (
-      0 <= int(index) < int(count)):
-    raise SweepError(f"--sweep_shard={text} is not i/n with 0 <= i < n, e.g. --sweep_shard=0/4")
-  return Share(int(index), int(count))
-
-
-def array_share(task_id: str | None, task_count: str | None, task_min: str | None,
-                task_max: str | None, task_step: str | None) -> Share:
-  """The share of a SLURM array task, from its `SLURM_ARRAY_TASK_{ID,COUNT,MIN,MAX,STEP}` (all
-  None outside an array: the whole sweep). Its tasks must form a range, such as `--array=0-7`,
-  `--array=1-8%2` or `--array=0-14:2`, so that each task knows its place from its own id."""
-  if task_id is None:
-    return Share()
-  try:
-    task, count, low, high = (int(value) for value in (task_id, task_count, task_min, task_max))
-    step = int(task_step or 1)
-  except (TypeError, ValueError):
-    raise SweepError(
-        f"SLURM_ARRAY_TASK_ID is {task_id} but SLURM_ARRAY_TASK_COUNT, _MIN or _MAX is missing or "
-        "not a number; submit with sbatch --array=0-<N-1>, or give --sweep_shard=i/n") from None
-  if step < 1 or (high - low) % step or (high - low) // step + 1 != count or (task - low) % step:
-    raise SweepError(
-        f"SLURM array task {task} is one of {count} tasks with ids {low} to {high} that do not "
-        "form a range; submit with sbatch --array=0-<N-1> (a %limit is fine), or give each "
-        "task --sweep_shard=i/n")
-  return Share((task - low) // step, count)
-
-
-@dataclasses.dataclass(frozen=True)
 class Run:
   """One seed of one point: its directory (relative to the sweep's workdir) and config."""
 
@@ -246,16 +199,6 @@ def seed_results(workdir: str, runs: Sequence[Run]) -> list[dict[str, Any]] | No
   return results
 
 
-def aggregate(results: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float]:
-  """`<name>_mean` and `<name>_std` (sample standard deviation; NaN for one seed) per metric."""
-  row = {}
-  for name in names:
-    values = [float(result[name]) for result in results]
-    row[f"{name}_mean"] = statistics.fmean(values)
-    row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
-  return row
-
-
 def summary_rows(workdir: str, points: Sequence[Point], runs: Sequence[Run], metric: str
                  ) -> tuple[list[dict[str, Any]], list[str]]:
   """One row per finished point, best `metric` first, and the accuracies the rows hold."""
@@ -265,48 +208,8 @@ def summary_rows(workdir: str, points: Sequence[Point], runs: Sequence[Run], met
     if results is not None:
       accuracies = metrics.ranking_fields(results)
       rows.append({"point": point.name, **point.overrides, "seeds": len(results),
-                   **aggregate(results, [*accuracies, "train_time_s"])})
+                   **sweep_tables.aggregate(results, [*accuracies, "train_time_s"])})
   return sorted(rows, key=lambda row: (-row[f"{metric}_mean"], row["point"])), accuracies
-
-
-def summary_texts(
-    points: Sequence[Point], rows: Sequence[dict[str, Any]], metric: str,
-    accuracies: Sequence[str], title: str,
-) -> dict[str, str]:
-  """`sweep_summary.csv` (every number) and `sweep_summary.md` (a ranked table), by name."""
-  fields = list(dict.fromkeys(key for point in points for key in point.overrides))
-  columns = ["point", *fields, "seeds"] + [
-      f"{name}_{stat}" for name in [*accuracies, "train_time_s"] for stat in ("mean", "std")
-  ]
-  table = io.StringIO()
-  writer = csv.DictWriter(table, columns, restval="")
-  writer.writeheader()
-  writer.writerows(rows)
-
-  def cell(row, name, scale=100, digits=2):
-    mean, std = row[f"{name}_mean"] * scale, row[f"{name}_std"] * scale
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-  lines = [
-      f"# Sweep: {title}",
-      "",
-      f"{len(rows)} of {len(points)} points finished. Ranked by `{metric}` (%) of the last "
-      "epoch, mean ± sample standard deviation over the seeds; train time in seconds per run.",
-  ]
-  if metric == "test_accuracy":
-    lines.append("No validation split (`config.validation_fraction` is 0): the ranking reads the "
-                 "test set, so the best row's test accuracy is an optimistic estimate.")
-  lines += [
-      "",
-      "| rank | " + " | ".join([*fields, *accuracies, "train time (s)", "seeds"]) + " |",
-      "|" + "---|" * (len(fields) + len(accuracies) + 3),
-  ]
-  for rank, row in enumerate(rows, 1):
-    values = [str(row[field]) if field in row else "" for field in fields]
-    values += [cell(row, name) for name in accuracies]
-    values += [cell(row, "train_time_s", scale=1, digits=1), str(row["seeds"])]
-    lines.append(f"| {rank} | " + " | ".join(values) + " |")
-  return {SUMMARY_CSV: table.getvalue(), SUMMARY_MD: "\n".join(lines) + "\n"}
 
 
 def write_summary(workdir: str, points: Sequence[Point], runs: Sequence[Run], metric: str,
@@ -322,7 +225,7 @@ def write_summary(workdir: str, points: Sequence[Point], runs: Sequence[Run], me
   written = None
   while True:
     rows, accuracies = summary_rows(workdir, points, runs, metric)
-    texts = summary_texts(points, rows, metric, accuracies, title)
+    texts = sweep_tables.summary_texts(points, rows, metric, accuracies, title)
     if texts == written:
       return rows
     for name, text in texts.items():
@@ -370,7 +273,7 @@ def run_sweep(
     *,
     title: str = "",
     allow_config_change: bool = False,
-    share: Share = Share(),
+    share: shares.Share = shares.Share(),
 ) -> list[dict[str, Any]]:
   """Trains every unfinished seed of every point in `share`; returns the summary's rows.
 
@@ -408,11 +311,11 @@ def run_sweep(
           else summary_rows(workdir, points, runs, metric)[0])
   _report_damaged(workdir, runs, share)
   print(f"sweep: {len(rows)} of {len(points)} points finished; summary in "
-        f"{os.path.join(workdir, SUMMARY_MD)}", flush=True)
+        f"{os.path.join(workdir, sweep_tables.SUMMARY_MD)}", flush=True)
   return rows
 
 
-def _report_damaged(workdir: str, runs: Sequence[Run], share: Share) -> None:
+def _report_damaged(workdir: str, runs: Sequence[Run], share: shares.Share) -> None:
   """One line for each run of another share whose final metrics cannot be read."""
   for position, run in enumerate(runs):
     run_dir = os.path.join(workdir, run.name)
