@@ -253,3 +253,13 @@ def test_xla_flags_are_added_to_the_users_and_never_override_them(monkeypatch):
   once = os.environ["XLA_FLAGS"]
   parallel.set_xla_flags()
   assert os.environ["XLA_FLAGS"] == once
+
+
+def test_a_compilation_cache_that_cannot_be_written_is_one_warning(tmp_path, capsys):
+  (tmp_path / "file").write_text("")  # A folder under a file cannot exist, for root too.
+  before = jax.config.jax_compilation_cache_dir
+  parallel.use_compilation_cache(str(tmp_path / "file" / "cache"))
+  assert jax.config.jax_compilation_cache_dir == before
+  assert capsys.readouterr().err == (
+      f"mnist_jax: warning: the compilation cache {tmp_path / 'file' / 'cache'} cannot be written; "
+      "programs compile in every run (give --jax_cache_dir a writable folder, or '' for none)\n")

@@ -140,7 +140,18 @@ COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "mnist_jax",
 
 def use_compilation_cache(directory: str) -> None:
   """Keeps every compiled program in `directory`: a later process that compiles the same program
-  (same JAX, flags and devices) loads it instead, the same bits."""
+  (same JAX, flags and devices) loads it instead, the same bits. Where `directory` cannot be
+  written (a read-only HOME), one warning line instead of JAX's, and every program compiles."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    writable = os.access(directory, os.W_OK)
+  except OSError:
+    writable = False
+  if not writable:
+    print(f"mnist_jax: warning: the compilation cache {directory} cannot be written; programs "
+          f"compile in every run (give --jax_cache_dir a writable folder, or '' for none)",
+          file=sys.stderr)
+    return
   jax.config.update("jax_compilation_cache_dir", directory)
   # Every program is cached, however quickly it compiles: ours fall below JAX's default threshold.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
