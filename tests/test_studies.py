@@ -54,6 +54,7 @@ def test_temperature_fitted_on_samples_of_a_known_temperature_finds_it():
                                 logits_NC.argmax(1))  # Scaling never changes a prediction.
 
 
+@pytest.mark.slow
 def test_attacks_start_at_the_clean_accuracy_fall_with_eps_and_pgd_is_never_weaker(
     model, mnist_test):
   images, labels = mnist_test.images_NHWC[:1000], mnist_test.labels_N[:1000]
@@ -77,6 +78,7 @@ def test_attacks_start_at_the_clean_accuracy_fall_with_eps_and_pgd_is_never_weak
       assert moved.max() <= round(e * 255) + 1 and adversarial.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_pgd_gives_the_same_bits_whatever_steps_each_compiled_call_runs(model, mnist_test):
   images = mnist_test.images_NHWC[:100].astype(np.float32)
   labels = mnist_test.labels_N[:100]
@@ -92,6 +94,7 @@ def test_pgd_gives_the_same_bits_whatever_steps_each_compiled_call_runs(model, m
   assert not np.array_equal(first[0], first[2])  # PGD moved beyond FGSM.
 
 
+@pytest.mark.slow
 def test_attack_mode_writes_its_report_and_refuses_bad_eps(workdir):
   result = main_in_process("--mode=attack", f"--workdir={workdir}", "--eps=0,0.1",
                            "--attack_examples=200", "--pgd_steps=3")
@@ -171,6 +174,7 @@ def test_a_labelled_folder_is_scored_as_predict_scores_each_file(workdir, model,
     ({"cats": 1}, "has no subfolder named by a class of this model"),
     ({"3": 0}, "holds no image that can be read"),
 ])
+@pytest.mark.slow
 def test_a_folder_that_cannot_be_scored_is_one_line(workdir, tmp_path, layout, message):
   folder = tmp_path / "folder"
   if layout is not None:
@@ -184,6 +188,7 @@ def test_a_folder_that_cannot_be_scored_is_one_line(workdir, tmp_path, layout, m
   assert not (workdir / "eval" / "folder").exists()
 
 
+@pytest.mark.slow
 def test_calibrated_predict_keeps_each_digit_and_changes_its_probability(workdir, mnist_test,
                                                                          tmp_path):
   folder = _labelled_folder(tmp_path / "digits", mnist_test, 5)
@@ -214,6 +219,7 @@ def test_a_run_whose_validation_split_is_too_small_fits_no_temperature():
   assert calibration.held_out_split(config) == "train[54000:]"
 
 
+@pytest.mark.slow
 def test_a_folder_is_read_as_keras_and_torchvision_read_one(workdir, mnist_test, tmp_path):
   """Images in subfolders of a class count; hidden files do not; what cannot be read is skipped;
   a second evaluation of a folder of the same name replaces the first, whole."""
@@ -236,6 +242,7 @@ def test_a_folder_is_read_as_keras_and_torchvision_read_one(workdir, mnist_test,
   assert not (out / "stale.png").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_without_mistakes_reports_none(workdir, model, mnist_test, tmp_path):
   folder = _labelled_folder(tmp_path / "right", mnist_test, 30)
   paths = sorted(folder.glob("*/*.png"))
