@@ -81,6 +81,26 @@ def test_a_signal_that_training_turned_into_a_normal_end_still_ends_the_sweep():
     signal.signal(signal.SIGINT, previous)
 
 
+def test_ctrl_c_during_an_import_ends_the_process_without_raising_into_it(tmp_path):
+  """An extension module's initialisation may call back into Python; an exception raised there
+  cannot cross its compiled frames (the process aborts), so the handler must not raise in one."""
+  (tmp_path / "slow_module.py").write_text(
+      "import os, signal, time\n"
+      "os.kill(os.getpid(), signal.SIGINT)\n"
+      "time.sleep(5)\n")
+  script = ("from mnist_jax.run import interrupts\n"
+            "interrupts.exit_on_interrupt()\n"
+            "try:\n"
+            "  import slow_module\n"
+            "except BaseException as e:\n"
+            "  print('raised', type(e).__name__)\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}"})
+  assert (result.returncode, result.stdout, result.stderr) == (
+      INTERRUPTED, "", "mnist_jax: interrupted\n")
+
+
 @pytest.mark.slow
 def test_ctrl_c_ends_a_long_attack_within_a_second(two_epoch_run):
   command = _Command([sys.executable, "-m", "mnist_jax.main", "--mode=attack",

@@ -29,9 +29,13 @@ def exit_on_interrupt(command: str = "mnist_jax") -> None:
   SIGINT meanwhile ends it at once)."""
 
   def interrupted(signum: int, frame: Any) -> None:
-    del frame
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # A second Ctrl-C while exiting ends it at once.
     print(f"{command}: interrupted", file=sys.stderr, flush=True)
+    if _importing(frame):
+      # An extension module's initialisation can call back into Python (jaxlib builds its enums
+      # so); an exception raised there cannot cross the compiled frames and aborts the process.
+      # An import writes nothing of the user's, so end here.
+      _exit_now(128 + signum)
     raise Interrupted(128 + signum)
 
   signal.signal(signal.SIGINT, interrupted)
@@ -45,6 +49,14 @@ def exit_on_interrupt(command: str = "mnist_jax") -> None:
     hook(info)
 
   sys.unraisablehook = unraisable
+
+
+def _importing(frame: Any) -> bool:
+  while frame is not None:
+    if frame.f_code.co_filename.startswith("<frozen importlib"):
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _exit_now(status: int) -> None:
