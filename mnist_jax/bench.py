@@ -7,5 +7,5 @@ from mnist_jax.tools import bench
 
 if __name__ == "__main__":
   interrupts.exit_on_interrupt("mnist_jax.bench")
-  with interrupts.no_teardown_after_interrupt():
+  with interrupts.no_teardown():
     app.run(bench.main)

@@ -14,6 +14,8 @@ imported when that mode runs (eval and predict load no plotting, TensorBoard or 
 """
 
 import ast
+import contextlib
+import functools
 import os
 import re
 import shlex
@@ -35,6 +37,7 @@ from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from mnist_jax import errors  # pylint: disable=wrong-import-position
+from mnist_jax.report import drawing  # pylint: disable=wrong-import-position
 from mnist_jax.run import parallel, quiet  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -301,7 +304,8 @@ _MODES = {"train": _train, "sweep": _train, "eval": _eval, "predict": _predict,
           "attack": _attack, "explore": _explore, "report": _report}
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], draw_in_workers: bool = False) -> None:
+  """The command; with `draw_in_workers`, a mode that draws starts the workers of drawing.py."""
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
   parallel.set_xla_flags()
@@ -324,7 +328,10 @@ def main(argv: list[str]) -> None:
   try:
     if _MULTIHOST.value:
       parallel.initialize_distributed(*(flag.value for flag in cluster))
-    status = _MODES[_MODE.value]()
+    draws = _MODE.value in ("train", "sweep", "report", "explore", "attack") or _IMAGES_DIR.present
+    with (drawing.workers() if draw_in_workers and draws and not _MULTIHOST.value
+          else contextlib.nullcontext()):
+      status = _MODES[_MODE.value]()
   except errors.UserError as e:
     sys.exit(f"mnist_jax: {e}")
   except OSError as e:  # The workdir or another path: read-only, full, gone.
@@ -335,5 +342,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   quiet.quiet_library_errors()
-  with interrupts.no_teardown_after_interrupt():
-    app.run(main, flags_parser=_parse_flags)
+  with interrupts.no_teardown():
+    app.run(functools.partial(main, draw_in_workers=True), flags_parser=_parse_flags)

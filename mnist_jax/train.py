@@ -117,7 +117,8 @@ def _train(
     record.update({
         "epoch_time_s": epoch_time_s,
         "examples_per_s": config.num_seeds * steps_per_epoch * config.batch_size / epoch_time_s,
-        "learning_rate": optimizers.learning_rate_at(schedule, state.step - 1),  # The last step's.
+        # The last step's rate; an int32 as `state.step` is, without a program to run it.
+        "learning_rate": optimizers.learning_rate_at(schedule, np.int32(record["step"] - 1)),
     })
     history.append(record)
     if writes:
@@ -132,6 +133,7 @@ def _train(
            "compile_times_s": pipeline.compile_times_s,
            "stopped_early": epoch < config.num_epochs}
   if writes:
+    writer.close()
     rundir.write_final(workdir, final)
     if final["stopped_early"]:
       print(f"stopped early: {selection} has not improved for "

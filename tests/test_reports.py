@@ -18,7 +18,7 @@ from tensorboard.util import tensor_util
 
 from conftest import REPO, load_config, main_in_process, train_and_report
 from mnist_jax import data, metrics, pipelines, steps
-from mnist_jax.report import explore, plots, tables
+from mnist_jax.report import drawing, explore, plots, tables
 from mnist_jax.run import progress, rundir, summaries
 from mnist_jax.studies import calibration
 from test_data import TEST_COUNTS, TRAIN_COUNTS
@@ -65,7 +65,7 @@ def test_the_report_gives_calibration_and_shows_where_mistakes_looked(trained):
   assert "temperature" not in saved and "No temperature was fitted" in report
   ((nll, ece),) = re.findall(r"^\| as trained \| ([\d.]+) \| ([\d.]+) \|", report, re.MULTILINE)
   assert float(nll) == pytest.approx(final["test_loss"], abs=1e-4)
-  probs_NC = np.exp(tables.log_softmax(saved["logits_NC"].astype(np.float64)))
+  probs_NC = np.exp(calibration.log_softmax(saved["logits_NC"].astype(np.float64)))
   assert float(ece) == pytest.approx(
       calibration.expected_calibration_error(probs_NC, saved["labels_N"]), abs=1e-4)
   # Saliency maps of the 25 most confident mistakes, each scaled to its own maximum.
@@ -166,7 +166,7 @@ def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
   (copy / "report.md").unlink()
   result = main_in_process("--mode=report", f"--workdir={copy}")
   assert result.returncode == 0, result.stderr
-  assert result.stdout.startswith(f"report: {copy / 'report.md'} (6 figures in ")
+  assert result.stdout.startswith(f"report: {copy / 'report.md'} (6 figures, the slowest drawn in ")
   for name in REPORT_FIGURES:
     assert_legible_png(copy / "plots" / f"{name}.png")
   original = (workdir / "report.md").read_text().replace(str(workdir), "WORKDIR")
@@ -289,13 +289,14 @@ def test_class_names_and_colour_images_draw_too(tmp_path):
   assert table[-1].split() == ["total", "15000", "100.00", "2700", "100.00"]
   images_NHWC = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
   counts_CC = np.array([[5, 1, 0], [0, 4, 2], [1, 0, 6]])
-  plots.write_pngs({
-      "histogram": lambda: plots.label_histogram(counts, names, "classes"),
-      "grid": lambda: plots.image_grid(images_NHWC, [f"{names[i % 3]} / Pullover" for i in range(7)],
-                                       "colour"),
-      "colorbar": lambda: plots.image_with_colorbar(images_NHWC[0], images_NHWC[0] / 255, "one"),
-      "confusion": lambda: plots.confusion_matrix(
-          counts_CC, *tables.recall_and_precision(counts_CC), names, "three classes"),
+  Plot = drawing.Plot.of
+  drawing.write_pngs({
+      "histogram": Plot("label_histogram", counts, names, "classes"),
+      "grid": Plot("image_grid", images_NHWC, [f"{names[i % 3]} / Pullover" for i in range(7)],
+                   "colour"),
+      "colorbar": Plot("image_with_colorbar", images_NHWC[0], images_NHWC[0] / 255, "one"),
+      "confusion": Plot("confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC),
+                        names, "three classes"),
   }, str(tmp_path))
   for name in ("histogram", "grid", "colorbar", "confusion"):
     assert_legible_png(tmp_path / f"{name}.png")

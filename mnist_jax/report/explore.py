@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from mnist_jax import data
-from mnist_jax.report import plots
+from mnist_jax.report import drawing
 from mnist_jax.run import rundir
 
 EXPLORED_SPLITS = ("train", "test")
@@ -66,22 +66,25 @@ def explore(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]
   mean, std = config.pixel_mean, config.pixel_std
   normalized_values_V = data.normalize(np.arange(256, dtype=np.float32), mean, std)
   first_image = train.images_NHWC[0]
+  Plot = drawing.Plot.of
   figures = {
-      "label_histogram": lambda: plots.label_histogram(
-          counts, info.class_names, f"Examples per class in {info.name}"),
-      "first_train_images": lambda: plots.image_grid(
-          train.images_NHWC[:25], [info.class_names[label] for label in train.labels_N[:25]],
+      "label_histogram": Plot("label_histogram", counts, info.class_names,
+                              f"Examples per class in {info.name}"),
+      "first_train_images": Plot(
+          "image_grid", train.images_NHWC[:25],
+          [info.class_names[label] for label in train.labels_N[:25]],
           f"The first 25 training images of {info.name} and their labels"),
-      "pixel_histograms": lambda: plots.pixel_histograms(
-          pixel_counts_V, normalized_values_V,
+      "pixel_histograms": Plot(
+          "pixel_histograms", pixel_counts_V, normalized_values_V,
           "x / 255" if (mean, std) == (0, 1) else f"(x / 255 - {mean:g}) / {std:g}"),
-      "image_colorbar": lambda: plots.image_with_colorbar(
-          first_image, data.normalize(first_image.astype(np.float32), mean, std),
+      "image_colorbar": Plot(
+          "image_with_colorbar", first_image,
+          data.normalize(first_image.astype(np.float32), mean, std),
           f"Training image 0 (label {info.class_names[train.labels_N[0]]})"),
   }
   text = [*shape_lines(splits), "", *count_table(counts, info.class_names)]
   print("\n".join(text))
-  seconds = plots.write_pngs(figures, os.path.join(workdir, rundir.PLOTS))
+  seconds = drawing.write_pngs(figures, os.path.join(workdir, rundir.PLOTS))
   for name, duration in seconds.items():
     print(f"wrote {os.path.join(workdir, rundir.PLOTS, name)}.png in {duration:.2f}s")
   images = "\n\n".join(f"![{name}]({rundir.PLOTS}/{name}.png)" for name in figures)

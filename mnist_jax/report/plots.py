@@ -2,31 +2,16 @@
 
 Each function returns a `matplotlib.figure.Figure` built without pyplot: nothing global is touched,
 no display is needed (PNG is drawn by Agg), and a figure is freed like any object once saved.
+Reports name them in a `drawing.Plot`, which drawing.py draws into a file.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import collections, colors, patches, ticker
 from matplotlib.figure import Figure
-
-RIGHT_COLOR, WRONG_COLOR = "black", "tab:red"
-
-
-def write_pngs(figures: dict[str, Callable[[], Figure]], directory: str) -> dict[str, float]:
-  """Draws each figure and saves it as `<directory>/<name>.png`; returns the seconds each took."""
-  os.makedirs(directory, exist_ok=True)
-  seconds = {}
-  for name, make_figure in figures.items():
-    start = time.perf_counter()
-    make_figure().savefig(os.path.join(directory, f"{name}.png"), dpi=100)
-    seconds[name] = time.perf_counter() - start
-  return seconds
-
 
 def _rotate_if_long(ax, names: Sequence[str]) -> None:
   if max(len(name) for name in names) > 2:
@@ -77,7 +62,7 @@ def image_grid(
   inch_per_pixel = 1.7 / cell_w
   fig = Figure(figsize=(mosaic.shape[1] * inch_per_pixel, mosaic.shape[0] * inch_per_pixel + 0.4))
   ax = fig.add_axes((0, 0, 1, 1 - 0.4 / fig.get_figheight()))
-  caption_colors = caption_colors or [RIGHT_COLOR] * num_images
+  caption_colors = caption_colors or ["black"] * num_images
   frames = []
   for k, (image_HWC, caption, color) in enumerate(zip(images_NHWC, captions, caption_colors)):
     top, left = (k // ncols) * cell_h + band, (k % ncols) * cell_w + gap // 2

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_jax.report import plots, tables
+from mnist_jax.report import drawing, tables
 from mnist_jax.run import checkpoints, rundir
 from mnist_jax.studies import attacks, calibration, folders, saliency
 
@@ -49,13 +49,13 @@ def _write_folder_markdown(out_dir: str, title: str, evaluation: folders.FolderE
               f"{probs_NC[i, predicted_N[i]]:.3f}" for i in mistakes]
   config = model.config
   figures = {
-      "confusion_matrix": lambda: plots.confusion_matrix(
-          counts_CC, *tables.recall_and_precision(counts_CC), class_names,
+      "confusion_matrix": drawing.Plot.of(
+          "confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC), class_names,
           f"Confusion matrix, {len(labels_N)} images, accuracy {result['accuracy']:.2%}"),
-      "confident_mistakes": lambda: plots.image_grid(
-          images_NHWC[mistakes], captions,
+      "confident_mistakes": drawing.Plot.of(
+          "image_grid", images_NHWC[mistakes], captions,
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
-          [plots.WRONG_COLOR] * len(mistakes)),
+          [drawing.WRONG_COLOR] * len(mistakes)),
       "reliability": tables.reliability_figure(log_probs_NC, labels_N, f"{len(labels_N)} images"),
   }
   saliency_text = ""
@@ -66,7 +66,7 @@ def _write_folder_markdown(out_dir: str, title: str, evaluation: folders.FolderE
     figures["mistake_saliency"] = tables.saliency_figure(images_NHWC[mistakes],
                                                          saliency_KHWC.max(axis=-1), captions)
     saliency_text = tables.SALIENCY_TEXT.format(figure="mistake_saliency.png")
-  seconds = plots.write_pngs(figures, out_dir)
+  seconds = drawing.write_pngs(figures, out_dir)
   seeds = result["accuracy_per_seed"]
   summary = [[result["images"], f"{result['accuracy']:.2%}",
               ", ".join(f"{a:.2%}" for a in seeds) if len(seeds) > 1 else "",
@@ -119,16 +119,16 @@ def write_attack_report(workdir: str, result: attacks.Robustness, class_names: t
                               result.predictions_pgd_K[shown_eps]])
   captions = [f"{attack}: {class_names[p]}" for attack, row in
               zip(("truth", "FGSM", "PGD"), predicted.reshape(3, k)) for p in row]
-  caption_colors = [plots.RIGHT_COLOR if p == y else plots.WRONG_COLOR
+  caption_colors = [drawing.RIGHT_COLOR if p == y else drawing.WRONG_COLOR
                     for p, y in zip(predicted, np.tile(truth, 3))]
-  plots.write_pngs({
-      "robustness": lambda: plots.robustness_curves(
-          result.eps, {"FGSM": result.fgsm_accuracy, f"PGD ({result.pgd_steps} steps)":
-                       result.pgd_accuracy},
+  drawing.write_pngs({
+      "robustness": drawing.Plot.of(
+          "robustness_curves", result.eps, {"FGSM": result.fgsm_accuracy,
+                                            f"PGD ({result.pgd_steps} steps)": result.pgd_accuracy},
           f"Accuracy under attack, {result.num_examples} test images"),
-      "adversarial_examples": lambda: plots.image_grid(
-          gallery, captions, f"Test images, then FGSM and PGD at eps {shown_eps:g}", caption_colors,
-          ncols=k),
+      "adversarial_examples": drawing.Plot.of(
+          "image_grid", gallery, captions, f"Test images, then FGSM and PGD at eps {shown_eps:g}",
+          caption_colors, ncols=k),
   }, out_dir)
   # One PGD step is FGSM's step of eps: no step size of its own.
   rows = [[f"{e:g}", f"{size:.4f}" if result.pgd_steps > 1 else "-", f"{fgsm:.2%}", f"{pgd:.2%}"]

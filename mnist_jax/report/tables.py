@@ -9,20 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from mnist_jax.report import plots
+from mnist_jax.report import drawing
 from mnist_jax.studies import calibration
 
 NUM_MISTAKES = 25
 
 # ---------------------------------------------------------------------------------------------
 # Numbers.
-
-
-def log_softmax(logits_NC: np.ndarray) -> np.ndarray:
-  """In float64, as the report scores predictions and ranks its mistakes."""
-  logits_NC = logits_NC.astype(np.float64)
-  shifted_NC = logits_NC - logits_NC.max(axis=1, keepdims=True)
-  return shifted_NC - np.log(np.exp(shifted_NC).sum(axis=1, keepdims=True))
 
 
 def confusion_counts(labels_N: np.ndarray, predicted_N: np.ndarray, num_classes: int) -> np.ndarray:
@@ -114,13 +107,13 @@ expected calibration error (ECE) is the gap averaged over examples.{fitted}
 """
 
 
-def reliability_figure(logits_NC: np.ndarray, labels_N: np.ndarray, what: str):
+def reliability_figure(logits_NC: np.ndarray, labels_N: np.ndarray, what: str) -> drawing.Plot:
   """The calibration section's figure, to draw: a reliability diagram of `what` (e.g. "test split")."""
   probs_NC = calibration.softmax_with_temperature(logits_NC)
   bins = calibration.reliability(probs_NC, labels_N)
   ece = calibration.expected_calibration_error(probs_NC, labels_N)
-  return lambda: plots.reliability_diagram(bins.edges, bins.accuracy, bins.confidence, bins.counts,
-                                           f"Reliability, {what}: ECE {ece:.4f}")
+  return drawing.Plot.of("reliability_diagram", bins.edges, bins.accuracy, bins.confidence,
+                         bins.counts, f"Reliability, {what}: ECE {ece:.4f}")
 
 
 SALIENCY_TEXT = """
@@ -134,12 +127,13 @@ prediction most).
 """
 
 
-def saliency_figure(images_KHWC: np.ndarray, saliency_KHW: np.ndarray, captions: list[str]):
+def saliency_figure(images_KHWC: np.ndarray, saliency_KHW: np.ndarray, captions: list[str]
+                    ) -> drawing.Plot:
   """The saliency section's figure, to draw: each mistake beside its saliency map (dark: where a
   change moves the prediction most)."""
   pairs = np.empty((2 * len(images_KHWC), *images_KHWC.shape[1:]), np.uint8)
   pairs[0::2] = images_KHWC
   pairs[1::2] = np.round(saliency_KHW[..., None] * 255).astype(np.uint8)
   labels = [text for caption in captions for text in (caption, "saliency")]
-  return lambda: plots.image_grid(pairs, labels, "Most confident mistakes and where the model "
-                                  "looked: |d log p(predicted) / d pixel|", ncols=10)
+  return drawing.Plot.of("image_grid", pairs, labels, "Most confident mistakes and where the "
+                         "model looked: |d log p(predicted) / d pixel|", ncols=10)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from mnist_jax import data, errors, metrics, steps
-from mnist_jax.report import plots, tables
+from mnist_jax.report import drawing, tables
 from mnist_jax.run import parallel, rundir, summaries
 from mnist_jax.studies import calibration, predict, saliency
 
@@ -41,7 +41,7 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
   fitted = calibration.fit_on_validation(config, model_logits)
   calibrated = {} if fitted is None else dict(temperature=np.float32(fitted[0]),
                                               temperature_fitted_on=np.array(fitted[1]))
-  mistakes = tables.most_confident_mistakes(np.exp(tables.log_softmax(logits_NC)), test.labels_N,
+  mistakes = tables.most_confident_mistakes(np.exp(calibration.log_softmax(logits_NC)), test.labels_N,
                                             tables.NUM_MISTAKES)  # As `write_report` ranks them.
   maps = {}
   if len(mistakes):
@@ -141,7 +141,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
   if not np.array_equal(test.labels_N, labels_N):
     raise ReportError(f"the test labels of {config['dataset']} differ from those in "
                       f"{rundir.PREDICTIONS}; the dataset changed since training")
-  log_probs_NC = tables.log_softmax(logits_NC)
+  log_probs_NC = calibration.log_softmax(logits_NC)
   probs_NC = np.exp(log_probs_NC)
   predicted_N = logits_NC.argmax(axis=1)
   test_loss = -float(np.mean(log_probs_NC[np.arange(len(labels_N)), labels_N]))
@@ -154,20 +154,22 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
     return [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}" for i in indices]
 
   first = np.arange(min(25, len(labels_N)))
+  Plot = drawing.Plot.of
   figures = {
-      "learning_curves": lambda: plots.learning_curves(history, metrics.splits_in(history)),
-      "test_predictions": lambda: plots.image_grid(
-          test.images_NHWC[first], captions(first), "First test images: prediction / truth",
-          [plots.RIGHT_COLOR if predicted_N[i] == labels_N[i] else plots.WRONG_COLOR
+      "learning_curves": Plot("learning_curves", history, metrics.splits_in(history)),
+      "test_predictions": Plot(
+          "image_grid", test.images_NHWC[first], captions(first),
+          "First test images: prediction / truth",
+          [drawing.RIGHT_COLOR if predicted_N[i] == labels_N[i] else drawing.WRONG_COLOR
            for i in first]),
-      "confusion_matrix": lambda: plots.confusion_matrix(
-          counts_CC, *tables.recall_and_precision(counts_CC), class_names,
+      "confusion_matrix": Plot(
+          "confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC), class_names,
           f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}"),
-      "confident_mistakes": lambda: plots.image_grid(
-          test.images_NHWC[mistakes],
+      "confident_mistakes": Plot(
+          "image_grid", test.images_NHWC[mistakes],
           [f"{caption}\np = {p:.4f}" for caption, p in zip(captions(mistakes), mistake_probs)],
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
-          [plots.WRONG_COLOR] * len(mistakes)),
+          [drawing.WRONG_COLOR] * len(mistakes)),
       "reliability": tables.reliability_figure(logits_NC, labels_N, "test split"),
   }
   saliency_text = ""
@@ -181,7 +183,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
       logits_NC, labels_N, temperature, str(predictions.get("temperature_fitted_on", "")),
       f"{rundir.PLOTS}/reliability.png")
   plot_dir = os.path.join(workdir, rundir.PLOTS)
-  seconds = plots.write_pngs(figures, plot_dir)
+  seconds = drawing.write_pngs(figures, plot_dir)
   mistake_rows = [[int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{p:.4f}"]
                   for i, p in zip(mistakes, mistake_probs)]
   rundir.write_text(os.path.join(workdir, rundir.REPORT), _report_markdown(
@@ -199,7 +201,8 @@ def report_workdir(workdir: str) -> dict[str, float]:
     raise ReportError(f"{workdir} is not a directory; give the --workdir of a finished run")
   if not os.access(workdir, os.W_OK):
     raise ReportError(f"{workdir} is not writable, and the report is written there")
-  seconds = write_report(workdir, summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD)))
+  with summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD)) as writer:
+    seconds = write_report(workdir, writer)
   print(_written_line(workdir, seconds))
   return seconds
 
@@ -212,13 +215,14 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Any) 
   model = steps.first_seed(state) if config.num_seeds > 1 else state
   try:
     save_predictions(config, workdir, parallel.local_copy(model))
-    writer = summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD))
-    print(_written_line(workdir, write_report(workdir, writer)), flush=True)
+    with summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD)) as writer:
+      seconds = write_report(workdir, writer)
+    print(_written_line(workdir, seconds), flush=True)
   except Exception as e:  # pylint: disable=broad-except  # A report only looks at the run.
     print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
           f"{workdir}", file=sys.stderr)
 
 
 def _written_line(workdir: str, seconds: dict[str, float]) -> str:
-  return (f"report: {os.path.join(workdir, rundir.REPORT)} ({len(seconds)} figures in "
-          f"{sum(seconds.values()):.2f}s, slowest {max(seconds.values()):.2f}s)")
+  return (f"report: {os.path.join(workdir, rundir.REPORT)} ({len(seconds)} figures, the slowest "
+          f"drawn in {max(seconds.values()):.2f}s)")

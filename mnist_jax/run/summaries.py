@@ -43,6 +43,17 @@ class Writer:
     self._guarded(open_file)
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
+  def __enter__(self) -> Writer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def close(self) -> None:
+    if self._records is not None:
+      self._guarded(self._records.close)
+      self._records = None
+
   def _guarded(self, write) -> None:
     try:
       write()

@@ -61,15 +61,22 @@ def expected_calibration_error(probs_NC: np.ndarray, labels_N: np.ndarray,
   return float(np.sum(gaps * bins.counts[filled]) / len(labels_N))
 
 
+def log_softmax(logits_NC: np.ndarray) -> np.ndarray:
+  """In float64 and numpy, as reports score predictions: no program for JAX to trace and load."""
+  logits_NC = np.asarray(logits_NC, np.float64)
+  shifted_NC = logits_NC - logits_NC.max(axis=-1, keepdims=True)
+  return shifted_NC - np.log(np.exp(shifted_NC).sum(axis=-1, keepdims=True))
+
+
 def softmax_with_temperature(logits_NC: np.ndarray, temperature: float = 1.0) -> np.ndarray:
   """`softmax(logits / temperature)`, in float32 (log-probabilities may stand for logits)."""
-  return np.asarray(jax.nn.softmax(jnp.asarray(logits_NC, jnp.float32) / temperature, axis=-1))
+  return np.exp(log_softmax(np.asarray(logits_NC, np.float64) / temperature)).astype(np.float32)
 
 
 def negative_log_likelihood(logits_NC: np.ndarray, labels_N: np.ndarray,
                             temperature: float = 1.0) -> float:
-  return float(_nll(jnp.log(jnp.float32(temperature)), jnp.asarray(logits_NC, jnp.float32),
-                    jnp.asarray(labels_N)))
+  log_probs_NC = log_softmax(np.asarray(logits_NC, np.float64) / temperature)
+  return -float(np.mean(np.take_along_axis(log_probs_NC, np.asarray(labels_N)[:, None], axis=1)))
 
 
 def _nll(log_temperature: jax.Array, logits_NC: jax.Array, labels_N: jax.Array) -> jax.Array:

@@ -10,13 +10,15 @@ whatever the border looks like. Of the marks that stand out, the ones along the 
 (frames, page edges, a table around the page), thin lines across the whole page and boxes drawn
 around the rest are not the digit; the digit is the heaviest remaining mark and the marks of
 comparable weight next to it; specks are left out. Where nothing is left, `NoDigit` says why.
+
+scipy is imported by the functions that use it: every command that trains imports this module (for
+its report, through predict.py), and most never look at a photo.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from mnist_jax import errors
 
@@ -40,6 +42,7 @@ class NoDigit(errors.UserError):
 def digit_ink(gray_HW: np.ndarray) -> np.ndarray:
   """The digit's ink in a grayscale image (float, 0..255 as stored): float32 in 0..255 at the
   analysis size (`ANALYSIS_SIDES`), 255 at the digit's strongest strokes, zero away from it."""
+  from scipy import ndimage  # pylint: disable=import-outside-toplevel  # See the docstring.
   page_HW = _analysis_size(np.asarray(gray_HW, np.float32))
   side = max(page_HW.shape)
   page_HW = ndimage.gaussian_filter(page_HW, side / 200)  # Grain is not ink.
@@ -93,6 +96,7 @@ def _resized(image_HW: np.ndarray, longest: int, resample: Image.Resampling) -> 
 def _lines_across(marks_HW: np.ndarray, thickness: int) -> np.ndarray:
   """Rows and columns of marks that cross nine tenths of the page in bands no thicker than
   `thickness`: frames and ruled lines, which may touch the digit."""
+  from scipy import ndimage  # pylint: disable=import-outside-toplevel  # See the docstring.
   lines_HW = np.zeros_like(marks_HW)
   for axis in (0, 1):
     full = marks_HW.mean(axis=1 - axis) >= 0.9
@@ -110,6 +114,7 @@ def _lines_across(marks_HW: np.ndarray, thickness: int) -> np.ndarray:
 def _main_marks(marks_HW: np.ndarray, ink_HW: np.ndarray, side: int) -> np.ndarray:
   """The digit's marks: the heaviest one, not along the border or around the others, and those
   of comparable weight near it."""
+  from scipy import ndimage  # pylint: disable=import-outside-toplevel  # See the docstring.
   labels_HW, count = ndimage.label(marks_HW, np.ones((3, 3), bool))
   if count == 0:
     raise NoDigit("nothing stands out from the paper")
@@ -187,3 +192,4 @@ def _is_box(mark_hw: np.ndarray, side: int) -> bool:
   edges_hw = np.ones_like(mark_hw)
   edges_hw[band:-band, band:-band] = False
   return bool(np.sum(mark_hw & edges_hw) >= 0.85 * np.sum(mark_hw))
+

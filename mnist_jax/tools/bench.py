@@ -325,5 +325,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   interrupts.exit_on_interrupt("mnist_jax.bench")
-  with interrupts.no_teardown_after_interrupt():
+  with interrupts.no_teardown():
     app.run(main)

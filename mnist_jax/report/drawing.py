@@ -1,0 +1,110 @@
+"""Draws figures into PNG files: in worker processes where a command started them, else here.
+
+A figure to draw is a `Plot`: the name of a function of plots.py and its arguments (numpy arrays,
+strings), which can cross to another process; so a module that only describes figures does not
+import matplotlib. `python -m mnist_jax.main` starts the workers (`workers()`) before JAX starts
+its backends: there they import matplotlib and draw a first figure while the command itself still
+imports and trains, then they draw a report's figures side by side. Without workers (in a test, a
+library call, a multi-host run, or after a worker died) every figure is drawn in this process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import process
+from typing import Any
+
+RIGHT_COLOR, WRONG_COLOR = "black", "tab:red"  # Captions of right and wrong predictions.
+
+_pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plot:
+  """A figure to draw: `plots.<function>(*args, **kwargs)`."""
+
+  function: str
+  args: tuple[Any, ...] = ()
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def of(cls, function: str, *args: Any, **kwargs: Any) -> Plot:
+    return cls(function, args, kwargs)
+
+
+def _draw(plot: Plot, path: str) -> float:
+  """Draws `plot` into `path`; returns the seconds it took."""
+  from mnist_jax.report import plots  # pylint: disable=import-outside-toplevel  # matplotlib.
+
+  start = time.perf_counter()
+  getattr(plots, plot.function)(*plot.args, **plot.kwargs).savefig(path, dpi=100)
+  return time.perf_counter() - start
+
+
+def write_pngs(figures: dict[str, Plot], directory: str) -> dict[str, float]:
+  """Draws each figure into `<directory>/<name>.png`; returns the seconds each took to draw."""
+  os.makedirs(directory, exist_ok=True)
+  paths = {name: os.path.join(directory, f"{name}.png") for name in figures}
+  if _pool is not None:
+    try:
+      futures = {name: _pool.submit(_draw, plot, paths[name]) for name, plot in figures.items()}
+      return {name: future.result() for name, future in futures.items()}
+    except process.BrokenProcessPool:  # A worker died (a signal, memory): draw here instead.
+      _stop_workers()
+  return {name: _draw(plot, paths[name]) for name, plot in figures.items()}
+
+
+@contextlib.contextmanager
+def workers(count: int = 2) -> Iterator[None]:
+  """Within, figures are drawn by `count` worker processes (none on a single core).
+
+  Start it before JAX starts its backends: the workers are forked, and a fork of a process whose
+  JAX runs threads can deadlock. Ctrl-C reaches only this process; a worker ends with it.
+  """
+  global _pool  # pylint: disable=global-statement
+  if (os.cpu_count() or 1) < 2 or _pool is not None:  # One core: no core to draw beside.
+    yield
+    return
+  handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Inherited by the workers, kept there.
+  try:
+    _pool = concurrent.futures.ProcessPoolExecutor(
+        min(count, os.cpu_count()), mp_context=multiprocessing.get_context("fork"),
+        initializer=_start_worker, initargs=(os.getpid(),))
+    _pool.submit(int)  # With "fork", the first task starts every worker.
+  finally:
+    signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+  finally:
+    _stop_workers()
+
+
+def _stop_workers() -> None:
+  global _pool  # pylint: disable=global-statement
+  if _pool is not None:
+    pool, _pool = _pool, None
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(parent: int) -> None:
+  """In a worker: end with the parent, however it ends; import matplotlib and draw a first figure
+  (fonts, Agg), so that the report's figures find them loaded."""
+
+  def exit_with_parent():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=exit_with_parent, daemon=True).start()
+  from mnist_jax.report import plots  # pylint: disable=import-outside-toplevel
+
+  plots.learning_curves({"epoch": [1], "train_loss": [1.0], "train_accuracy": [0.5]},
+                        ["train"]).savefig(os.devnull, format="png", dpi=100)
