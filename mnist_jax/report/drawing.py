@@ -16,6 +16,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -64,13 +65,14 @@ def write_pngs(figures: dict[str, Plot], directory: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def workers(count: int = 2) -> Iterator[None]:
-  """Within, figures are drawn by `count` worker processes (none on a single core).
+  """Within, figures are drawn by `count` worker processes (none on one core or off Linux).
 
   Start it before JAX starts its backends: the workers are forked, and a fork of a process whose
   JAX runs threads can deadlock. Ctrl-C reaches only this process; a worker ends with it.
   """
   global _pool  # pylint: disable=global-statement
-  if (os.cpu_count() or 1) < 2 or _pool is not None:  # One core: no core to draw beside.
+  # One core leaves none to draw beside; macOS's system libraries are not safe to fork.
+  if (os.cpu_count() or 1) < 2 or sys.platform != "linux" or _pool is not None:
     yield
     return
   handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Inherited by the workers, kept there.
@@ -95,8 +97,10 @@ def _stop_workers() -> None:
 
 
 def _start_worker(parent: int) -> None:
-  """In a worker: end with the parent, however it ends; import matplotlib and draw a first figure
-  (fonts, Agg), so that the report's figures find them loaded."""
+  """In a worker: end with the parent, however it ends; yield the cores to its training (a lower
+  priority); import matplotlib and draw a first figure (fonts, Agg), so that the report's figures
+  find them loaded."""
+  os.nice(10)
 
   def exit_with_parent():
     while os.getppid() == parent:
