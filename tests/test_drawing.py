@@ -1,7 +1,6 @@
 """Figures drawn by worker processes: the same files as drawn here, and no worker outlives its
 command, whether the command ends, is killed, or loses a worker."""
 
-import os
 import signal
 import subprocess
 import sys
