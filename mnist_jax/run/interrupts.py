@@ -85,6 +85,8 @@ def no_teardown() -> Iterator[None]:
     status = e.code
   else:
     status = 0
+  if sys.getprofile() is not None:  # `python -m cProfile` writes its file after the command.
+    sys.exit(status)
   if status is not None and not isinstance(status, int):  # As Python does: `sys.exit("why")`.
     print(status, file=sys.stderr)
     status = 1
