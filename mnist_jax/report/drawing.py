@@ -97,10 +97,10 @@ def _stop_workers() -> None:
 
 
 def _start_worker(parent: int) -> None:
-  """In a worker: end with the parent, however it ends; yield the cores to its training (a lower
-  priority); import matplotlib and draw a first figure (fonts, Agg), so that the report's figures
-  find them loaded."""
-  os.nice(10)
+  """In a worker: end with the parent, however it ends; take only the cores its training leaves
+  idle (the lowest priority); import matplotlib and draw a first figure (fonts, Agg), so that the
+  report's figures find them loaded."""
+  os.nice(19)
 
   def exit_with_parent():
     while os.getppid() == parent:

@@ -281,7 +281,9 @@ class TrainingCheckpoints:
           f"{self.workdir} holds a checkpoint of epoch {epoch}, beyond config.num_epochs="
           f"{self.num_epochs}; raise num_epochs or use another --workdir"
       )
-    print(f"resuming from checkpoint {restored.step} (epoch {epoch}) in {self.workdir}", flush=True)
+    if jax.process_index() == 0:  # One line for all the processes of a multi-host run.
+      print(f"resuming from checkpoint {restored.step} (epoch {epoch}) in {self.workdir}",
+            flush=True)
     return restored.state, list(restored.meta["history"])
 
   def _check_config(self, saved: dict[str, Any]) -> None:

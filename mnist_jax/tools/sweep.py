@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -285,9 +286,10 @@ def run_sweep(
   runs = sweep_runs(config, points)
   mine = runs[share.index::share.count]
   metric = metrics.selection_metric(config)
-  writes = parallel.is_main_process()  # Which alone writes the runs' final metrics.
+  writes = parallel.is_main_process()  # Which alone writes the runs' final metrics and lines.
+  say = functools.partial(print, flush=True) if writes else lambda line: None
   if share.count > 1:
-    print(f"sweep: share {share}: {len(mine)} of the {len(runs)} runs", flush=True)
+    say(f"sweep: share {share}: {len(mine)} of the {len(runs)} runs")
   os.makedirs(workdir, exist_ok=True)
   with _signals_seen() as stop_if_signalled:
     for run in mine:
@@ -295,11 +297,11 @@ def run_sweep(
       where = f"sweep: point {run.number}/{len(points)} {run.point.name} seed {run.seed}"
       reason = unfinished(run_dir, run.config)
       if reason is None:
-        print(f"{where}: finished, skipped", flush=True)
+        say(f"{where}: finished, skipped")
         continue
       if _unreadable_final(run_dir, reason):
-        print(f"{where}: {reason}; training it again, from its checkpoints", flush=True)
-      print(f"{where} -> {run_dir}", flush=True)
+        say(f"{where}: {reason}; training it again, from its checkpoints")
+      say(f"{where} -> {run_dir}")
       state, _ = train.train_and_evaluate(run.config, run_dir,
                                           allow_config_change=allow_config_change)
       stop_if_signalled(f"in the last epoch of point {run.point.name} seed {run.seed}, which is "
@@ -309,9 +311,10 @@ def run_sweep(
         write_summary(workdir, points, runs, metric, title or workdir)
   rows = (write_summary(workdir, points, runs, metric, title or workdir) if writes
           else summary_rows(workdir, points, runs, metric)[0])
-  _report_damaged(workdir, runs, share)
-  print(f"sweep: {len(rows)} of {len(points)} points finished; summary in "
-        f"{os.path.join(workdir, sweep_tables.SUMMARY_MD)}", flush=True)
+  if writes:
+    _report_damaged(workdir, runs, share)
+  say(f"sweep: {len(rows)} of {len(points)} points finished; summary in "
+      f"{os.path.join(workdir, sweep_tables.SUMMARY_MD)}")
   return rows
 
 
