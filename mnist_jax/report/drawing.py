@@ -3,8 +3,8 @@
 A figure to draw is a `Plot`: the name of a function of plots.py and its arguments (numpy arrays,
 strings), which can cross to another process; so a module that only describes figures does not
 import matplotlib. `python -m mnist_jax.main` starts the workers (`workers()`) before JAX starts
-its backends: there they import matplotlib and draw a first figure while the command itself still
-imports and trains, then they draw a report's figures side by side. Without workers (in a test, a
+its backends: at the lowest priority, they import matplotlib and draw a first figure on the cores
+the command leaves idle, then draw a report's figures side by side. Without workers (in a test, a
 library call, a multi-host run, or after a worker died) every figure is drawn in this process.
 """
 
