@@ -73,6 +73,15 @@ def two_epoch_run(tmp_path_factory):
   return workdir
 
 
+def process_alive(pid: int) -> bool:
+  """Whether process `pid` runs (a zombie, ended but not yet reaped, does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
 def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
   """Runs `python -m mnist_jax.main ARGS` from the repository root."""
   return subprocess.run(

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from conftest import REPO, process_alive
 
 # Run in a process of its own: a fork of pytest's process, where JAX has started, could deadlock.
 _SCRIPT = """
@@ -33,14 +33,6 @@ with drawing.workers():
 """
 
 
-def _alive(pid):
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return False
-
-
 def _draw(tmp_path, how):
   return subprocess.Popen(
       [sys.executable, "-c", _SCRIPT, str(tmp_path / "here"), str(tmp_path / "there"), how],
@@ -60,7 +52,7 @@ def test_workers_draw_the_same_files_and_end_with_the_block(tmp_path):
   pids, names = stdout.splitlines()
   assert len(pids.split()) == 2 and names == "['curves', 'grid']"
   _same_files(tmp_path)
-  assert not any(_alive(int(pid)) for pid in pids.split())
+  assert not any(process_alive(int(pid)) for pid in pids.split())
 
 
 def test_a_dead_worker_leaves_the_figures_to_this_process(tmp_path):
@@ -75,10 +67,10 @@ def test_workers_end_when_their_command_is_killed(tmp_path):
   process = _draw(tmp_path, "then hang")
   pids = [int(pid) for pid in process.stdout.readline().split()]
   assert process.stdout.readline().strip() == "['curves', 'grid']"
-  assert all(_alive(pid) for pid in pids)
+  assert all(process_alive(pid) for pid in pids)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=10)
   deadline = time.monotonic() + 10
-  while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+  while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
     time.sleep(0.1)
-  assert not any(_alive(pid) for pid in pids)
+  assert not any(process_alive(pid) for pid in pids)

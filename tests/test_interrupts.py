@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, main_in_process
+from conftest import REPO, main_in_process, process_alive
 from mnist_jax.run import checkpoints
 from mnist_jax.tools import sweep
 
@@ -160,14 +160,6 @@ def _children(pid):
   return children
 
 
-def _alive(pid):
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return False
-
-
 @pytest.mark.slow
 def test_ctrl_c_ends_the_benchmark_and_its_children_within_a_second(tmp_path):
   command = _Command([sys.executable, "-m", "mnist_jax.tools.bench", "--quick",
@@ -179,4 +171,4 @@ def test_ctrl_c_ends_the_benchmark_and_its_children_within_a_second(tmp_path):
   assert command.interrupt() < 3.0
   assert command.process.returncode == INTERRUPTED, command.lines
   assert command.lines["stderr"][first + 1:] == ["mnist_jax.bench: interrupted\n"]
-  assert not any(_alive(pid) for pid in children)
+  assert not any(process_alive(pid) for pid in children)
