@@ -14,11 +14,11 @@ import os, sys
 import numpy as np
 from mnist_jax.report import drawing
 figures = {
-    "curves": drawing.Plot.of("learning_curves", {"epoch": np.array([1, 2]),
-                              "train_loss": np.array([0.5, 0.3]),
-                              "train_accuracy": np.array([0.8, 0.9])}, ["train"]),
-    "grid": drawing.Plot.of("image_grid", np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28, 1),
-                            ["0 / 0", "1 / 1", "2 / 7", "3 / 3"], "four", ncols=2),
+    "curves": drawing.Plot("learning_curves", {"epoch": np.array([1, 2]),
+                           "train_loss": np.array([0.5, 0.3]),
+                           "train_accuracy": np.array([0.8, 0.9])}, ["train"]),
+    "grid": drawing.Plot("image_grid", np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28, 1),
+                         ["0 / 0", "1 / 1", "2 / 7", "3 / 3"], "four", ncols=2),
 }
 here, there = sys.argv[1], sys.argv[2]
 drawing.write_pngs(figures, here)

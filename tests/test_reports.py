@@ -289,7 +289,7 @@ def test_class_names_and_colour_images_draw_too(tmp_path):
   assert table[-1].split() == ["total", "15000", "100.00", "2700", "100.00"]
   images_NHWC = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
   counts_CC = np.array([[5, 1, 0], [0, 4, 2], [1, 0, 6]])
-  Plot = drawing.Plot.of
+  Plot = drawing.Plot
   drawing.write_pngs({
       "histogram": Plot("label_histogram", counts, names, "classes"),
       "grid": Plot("image_grid", images_NHWC, [f"{names[i % 3]} / Pullover" for i in range(7)],

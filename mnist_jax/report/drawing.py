@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -28,17 +27,11 @@ RIGHT_COLOR, WRONG_COLOR = "black", "tab:red"  # Captions of right and wrong pre
 _pool: concurrent.futures.ProcessPoolExecutor | None = None
 
 
-@dataclasses.dataclass(frozen=True)
 class Plot:
   """A figure to draw: `plots.<function>(*args, **kwargs)`."""
 
-  function: str
-  args: tuple[Any, ...] = ()
-  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-  @classmethod
-  def of(cls, function: str, *args: Any, **kwargs: Any) -> Plot:
-    return cls(function, args, kwargs)
+  def __init__(self, function: str, *args: Any, **kwargs: Any):
+    self.function, self.args, self.kwargs = function, args, kwargs
 
 
 def _draw(plot: Plot, path: str) -> float:

@@ -66,7 +66,7 @@ def explore(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]
   mean, std = config.pixel_mean, config.pixel_std
   normalized_values_V = data.normalize(np.arange(256, dtype=np.float32), mean, std)
   first_image = train.images_NHWC[0]
-  Plot = drawing.Plot.of
+  Plot = drawing.Plot
   figures = {
       "label_histogram": Plot("label_histogram", counts, info.class_names,
                               f"Examples per class in {info.name}"),

@@ -49,10 +49,10 @@ def _write_folder_markdown(out_dir: str, title: str, evaluation: folders.FolderE
               f"{probs_NC[i, predicted_N[i]]:.3f}" for i in mistakes]
   config = model.config
   figures = {
-      "confusion_matrix": drawing.Plot.of(
+      "confusion_matrix": drawing.Plot(
           "confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC), class_names,
           f"Confusion matrix, {len(labels_N)} images, accuracy {result['accuracy']:.2%}"),
-      "confident_mistakes": drawing.Plot.of(
+      "confident_mistakes": drawing.Plot(
           "image_grid", images_NHWC[mistakes], captions,
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
           [drawing.WRONG_COLOR] * len(mistakes)),
@@ -122,11 +122,11 @@ def write_attack_report(workdir: str, result: attacks.Robustness, class_names: t
   caption_colors = [drawing.RIGHT_COLOR if p == y else drawing.WRONG_COLOR
                     for p, y in zip(predicted, np.tile(truth, 3))]
   drawing.write_pngs({
-      "robustness": drawing.Plot.of(
+      "robustness": drawing.Plot(
           "robustness_curves", result.eps, {"FGSM": result.fgsm_accuracy,
                                             f"PGD ({result.pgd_steps} steps)": result.pgd_accuracy},
           f"Accuracy under attack, {result.num_examples} test images"),
-      "adversarial_examples": drawing.Plot.of(
+      "adversarial_examples": drawing.Plot(
           "image_grid", gallery, captions, f"Test images, then FGSM and PGD at eps {shown_eps:g}",
           caption_colors, ncols=k),
   }, out_dir)

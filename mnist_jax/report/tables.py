@@ -112,8 +112,8 @@ def reliability_figure(logits_NC: np.ndarray, labels_N: np.ndarray, what: str) -
   probs_NC = calibration.softmax_with_temperature(logits_NC)
   bins = calibration.reliability(probs_NC, labels_N)
   ece = calibration.expected_calibration_error(probs_NC, labels_N)
-  return drawing.Plot.of("reliability_diagram", bins.edges, bins.accuracy, bins.confidence,
-                         bins.counts, f"Reliability, {what}: ECE {ece:.4f}")
+  return drawing.Plot("reliability_diagram", bins.edges, bins.accuracy, bins.confidence,
+                      bins.counts, f"Reliability, {what}: ECE {ece:.4f}")
 
 
 SALIENCY_TEXT = """
@@ -135,5 +135,5 @@ def saliency_figure(images_KHWC: np.ndarray, saliency_KHW: np.ndarray, captions:
   pairs[0::2] = images_KHWC
   pairs[1::2] = np.round(saliency_KHW[..., None] * 255).astype(np.uint8)
   labels = [text for caption in captions for text in (caption, "saliency")]
-  return drawing.Plot.of("image_grid", pairs, labels, "Most confident mistakes and where the "
-                         "model looked: |d log p(predicted) / d pixel|", ncols=10)
+  return drawing.Plot("image_grid", pairs, labels, "Most confident mistakes and where the model "
+                      "looked: |d log p(predicted) / d pixel|", ncols=10)

@@ -41,8 +41,8 @@ def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any
   fitted = calibration.fit_on_validation(config, model_logits)
   calibrated = {} if fitted is None else dict(temperature=np.float32(fitted[0]),
                                               temperature_fitted_on=np.array(fitted[1]))
-  mistakes = tables.most_confident_mistakes(np.exp(calibration.log_softmax(logits_NC)), test.labels_N,
-                                            tables.NUM_MISTAKES)  # As `write_report` ranks them.
+  mistakes = tables.most_confident_mistakes(  # As `write_report` ranks them.
+      np.exp(calibration.log_softmax(logits_NC)), test.labels_N, tables.NUM_MISTAKES)
   maps = {}
   if len(mistakes):
     saliency_KHWC = saliency.saliency(state, test.images_NHWC[mistakes],
@@ -154,7 +154,7 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
     return [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}" for i in indices]
 
   first = np.arange(min(25, len(labels_N)))
-  Plot = drawing.Plot.of
+  Plot = drawing.Plot
   figures = {
       "learning_curves": Plot("learning_curves", history, metrics.splits_in(history)),
       "test_predictions": Plot(

@@ -238,7 +238,7 @@ class TrainingCheckpoints:
     self._manager: ocp.CheckpointManager | None = None
 
   def __enter__(self) -> TrainingCheckpoints:
-    if jax.process_index() == 0:  # The other processes of a multi-host run share the workdir.
+    if parallel.is_main_process():  # The other processes of a multi-host run share the workdir.
       self._stack.enter_context(guard.lock_workdir(self.workdir))
       guard.remove_unfinished_saves(self.workdir)
     for step in integrity.steps_with_damaged_metrics(checkpoint_dir(self.workdir)):
@@ -281,7 +281,7 @@ class TrainingCheckpoints:
           f"{self.workdir} holds a checkpoint of epoch {epoch}, beyond config.num_epochs="
           f"{self.num_epochs}; raise num_epochs or use another --workdir"
       )
-    if jax.process_index() == 0:  # One line for all the processes of a multi-host run.
+    if parallel.is_main_process():  # One line for all the processes of a multi-host run.
       print(f"resuming from checkpoint {restored.step} (epoch {epoch}) in {self.workdir}",
             flush=True)
     return restored.state, list(restored.meta["history"])
