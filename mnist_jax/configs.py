@@ -200,6 +200,10 @@ FIELDS: dict[str, Field] = {
 
     # And after the last epoch, whatever this is.
     "checkpoint_every_epochs": Field(1, Range(1, _EPOCHS, integer=True), resumable=True),
+    # Seconds from one save to the next at least: a save due by the epoch waits until they have
+    # passed (a run of short epochs saves rarely); 0 saves whenever due. The best epoch is kept
+    # anyway (run/checkpoints.py), and the last always saves.
+    "checkpoint_interval_s": Field(60.0, Range(0, 7 * 24 * 3600), resumable=True),
     # The newest ones; the best (see validation_fraction) is kept too.
     "keep_checkpoints": Field(3, Range(1, 10_000, integer=True), resumable=True),
 }
@@ -235,12 +239,13 @@ def _field(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
   return True, value
 
 
-def _check_shape(config: Any) -> None:
+def _check_shape(config: Any, saved: bool) -> None:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"a config is an ml_collections.ConfigDict, not {type(config).__name__}; "
                       "start get_config from mnist_jax.configs.defaults()")
   required = dict.fromkeys(name.split(".")[0] for name in FIELDS)  # A group is required whole.
-  missing = [name for name in required if name not in config]
+  may_lack = {name for name, field in FIELDS.items() if saved and field.resumable is True}
+  missing = [name for name in required if name not in config and name not in may_lack]
   if missing:
     raise ConfigError(f"the config lacks {len(missing)} of its {len(required)} fields "
                       f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); start "
@@ -250,14 +255,15 @@ def _check_shape(config: Any) -> None:
       raise ConfigError(f"config.{group} must be a ConfigDict of fields, got {config[group]!r}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, *, saved: bool = False) -> None:
   """Refuses a config that cannot train well, with one line that names the field and what it may
   hold: one that is not a ConfigDict, lacks a field, or holds a value its field does not allow.
 
   Fields it holds beyond `FIELDS` are let through (a checkpoint saved by another version may);
-  `check_new` refuses them in a config about to start work.
+  `check_new` refuses them in a config about to start work. A `saved` config (a checkpoint's) may
+  lack a field that a resume may change, one added since it was saved.
   """
-  _check_shape(config)
+  _check_shape(config, saved)
   for name, field in FIELDS.items():
     present, value = _field(config, name)
     if not present:

@@ -131,6 +131,59 @@ def test_checkpoint_every_n_epochs_and_at_the_end(tmp_path):
   assert _steps(tmp_path) == [300, 600, 700]
 
 
+class _Clock:
+  """Seconds that pass only when told to."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def _epochs_every(seconds, clock, workdir, config, accuracies):
+  """`_save_epochs`, each epoch taking `seconds` of `clock`; every state it leaves behind deleted,
+  as the next epoch's step deletes the buffers it donates."""
+  with _training(workdir, config, clock=clock) as ckpts:
+    state, history = ckpts.resume(_fresh_state(config), META)
+    for accuracy in accuracies:
+      epoch = len(history) + 1
+      clock.now += seconds
+      new = state.replace(step=jnp.int32(100 * epoch),
+                          params=jax.tree.map(lambda p: p + 1.0, state.params))
+      jax.tree.map(lambda x: x.delete(), state.params)
+      state = new
+      history.append(_record(epoch, 100 * epoch, accuracy))
+      ckpts.end_of_epoch(state, history)
+
+
+def test_saves_wait_for_the_interval_and_keep_the_best_epoch_as_saving_each_would(tmp_path):
+  config = _config(checkpoint_interval_s=10.0, keep_checkpoints=2, num_epochs=7)
+  accuracies = [0.5, 0.9, 0.6, 0.7, 0.65, 0.8, 0.6]
+  _epochs_every(4.0, _Clock(), tmp_path / "interval", config, accuracies)
+  # Due at 12 s (epoch 3) and 24 s (epoch 6), and the last; epoch 2, the best, saved before 3.
+  assert _steps(tmp_path / "interval") == [200, 600, 700]
+  _save_epochs(tmp_path / "each", _config(keep_checkpoints=2, num_epochs=7), accuracies)
+  assert _steps(tmp_path / "each") == [200, 600, 700]
+  for which in ("best", "latest", "600"):
+    saved, expected = _restore(tmp_path / "interval", which), _restore(tmp_path / "each", which)
+    assert saved.meta["history"] == expected.meta["history"]
+    for leaf, expected_leaf in zip(jax.tree.leaves(saved.state), jax.tree.leaves(expected.state)):
+      np.testing.assert_array_equal(leaf, expected_leaf)
+
+
+def test_a_resume_keeps_the_best_among_the_saved_epochs(tmp_path):
+  """A run killed before its best epoch was saved: the better of the epochs after the resume is
+  kept as the best, though not as good as the lost one."""
+  config = _config(checkpoint_interval_s=10.0, keep_checkpoints=1, num_epochs=6)
+  clock = _Clock()
+  _epochs_every(4.0, clock, tmp_path, config, [0.5, 0.4, 0.45])  # Epoch 1 saved before 3.
+  assert _steps(tmp_path) == [100, 300]
+  _epochs_every(4.0, clock, tmp_path, config, [0.48, 0.6, 0.55])
+  assert _steps(tmp_path) == [500, 600]
+  assert _restore(tmp_path, "best").meta["epoch"] == 5
+
+
 def _damage(workdir, step):
   """Truncates every file of a checkpoint's state, as a disk that filled up would."""
   for root, _, files in os.walk(os.path.join(checkpoints.checkpoint_dir(str(workdir)), str(step))):
@@ -235,7 +288,8 @@ def test_a_run_saved_by_version_0_1_0_evaluates_and_resumes(tmp_path):
   assert abs(float(test["accuracy"]) - saved["test_accuracy"]) <= 3e-4
   np.testing.assert_allclose(float(test["loss"]), saved["test_loss"], rtol=1e-3)
 
-  config = model.config.copy_and_resolve_references()
+  config = configs.defaults()  # With the fields added since, as a config file starts.
+  config.update(model.config.to_dict())
   config.num_epochs = 3
   _, final = train.train_and_evaluate(config, str(workdir))
   history = rundir.read_history(str(workdir), metrics.check_record)

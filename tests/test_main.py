@@ -101,11 +101,11 @@ def test_what_the_training_split_cannot_hold_is_refused_before_any_work(
     ("def get_config(arg=None):\n  return ['mnist']\n", "returned list, not an"),
     ("import ml_collections\ndef get_config(arg=None):\n"
      "  return ml_collections.ConfigDict({'dataset': 'mnist'})\n",
-     "the config lacks 23 of its 24 fields (data_dir, input_pipeline, pixel_mean, pixel_std, model, "
+     "the config lacks 24 of its 25 fields (data_dir, input_pipeline, pixel_mean, pixel_std, model, "
      "...); start get_config from mnist_jax.configs.defaults() and set what differs"),
     ("from mnist_jax import configs\ndef get_config(arg=None):\n  config = configs.defaults()\n"
      "  del config['model_args']\n  return config\n",
-     "the config lacks 1 of its 24 fields (model_args)"),
+     "the config lacks 1 of its 25 fields (model_args)"),
     ("from mnist_jax import configs\ndef get_config(arg=None):\n  config = configs.defaults()\n"
      "  config.lerning_rate = 0.1\n  return config\n", "unknown config field 'lerning_rate'"),
     ("def get_config(arg=None):\n  raise ValueError('first line\\nsecond line\\nthird line')\n",

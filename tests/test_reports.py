@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.summary.writer import record_writer
 from tensorboard.util import tensor_util
 
 from conftest import REPO, load_config, main_in_process, train_and_report
@@ -270,6 +271,15 @@ def test_events_are_written_without_tensorflow_and_read_back(tmp_path):
   with Image.open(io.BytesIO(png)) as image:
     assert (int(width), int(height)) == image.size == (20, 12)
     np.testing.assert_array_equal(np.asarray(image), np.arange(240).reshape(12, 20))
+
+
+def test_event_records_are_the_bytes_tensorboards_own_writer_writes():
+  frames = io.BytesIO()
+  writer = record_writer.RecordWriter(frames)
+  payloads = [b"", b"\x00", bytes(range(256)) * 41, os.urandom(100_003)]
+  for payload in payloads:
+    writer.write(payload)
+  assert b"".join(summaries._record(payload) for payload in payloads) == frames.getvalue()
 
 
 def test_a_writer_that_cannot_write_warns_once_and_training_goes_on(tmp_path, capsys):

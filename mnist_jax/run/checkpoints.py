@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -211,17 +212,20 @@ class TrainingCheckpoints:
 
   Args:
     workdir: the run's directory; checkpoints go to its `checkpoints/`.
-    config: the run's config (`num_epochs`, `checkpoint_every_epochs`, `keep_checkpoints`).
+    config: the run's config (`num_epochs`, `checkpoint_every_epochs`, `checkpoint_interval_s`,
+      `keep_checkpoints`).
     selection_metric: the record field that ranks checkpoints for retention.
     check_record: raises `ValueError` on a damaged epoch record (`metrics.check_record`).
     config_changes: the fields a saved config (a dict) differs from `config` in, as far as they
       change what is trained; a resume refuses any unless `allow_config_change`.
+    clock: seconds, for `config.checkpoint_interval_s`.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, selection_metric: str,
                check_record: CheckRecord, config_changes: Callable[[dict[str, Any]], list[str]],
-               allow_config_change: bool = False):
+               allow_config_change: bool = False, clock: Callable[[], float] = time.monotonic):
     self.every = config.get("checkpoint_every_epochs", 1)
+    self.interval_s = config.get("checkpoint_interval_s", 0.0)
     self.keep = config.get("keep_checkpoints", 3)
     if self.every <= 0 or self.keep <= 0:
       raise CheckpointError(
@@ -236,6 +240,10 @@ class TrainingCheckpoints:
     self._stack = contextlib.ExitStack()
     self._signals = guard.StopSignals()
     self._manager: ocp.CheckpointManager | None = None
+    self._clock = clock
+    self._saved_at = clock()  # The start counts as a save: the first waits as long.
+    self._best = -math.inf  # The best selection metric of the epochs saved or copied.
+    self._unsaved_best: tuple[Any, list[dict[str, Any]]] | None = None
 
   def __enter__(self) -> TrainingCheckpoints:
     if parallel.is_main_process():  # The other processes of a multi-host run share the workdir.
@@ -281,10 +289,14 @@ class TrainingCheckpoints:
           f"{self.workdir} holds a checkpoint of epoch {epoch}, beyond config.num_epochs="
           f"{self.num_epochs}; raise num_epochs or use another --workdir"
       )
+    history = list(restored.meta["history"])
+    saved = set(self._manager.all_steps())
+    self._best = max((record[self.selection_metric] for record in history
+                      if record["step"] in saved), default=-math.inf)
     if parallel.is_main_process():  # One line for all the processes of a multi-host run.
       print(f"resuming from checkpoint {restored.step} (epoch {epoch}) in {self.workdir}",
             flush=True)
-    return restored.state, list(restored.meta["history"])
+    return restored.state, history
 
   def _check_config(self, saved: dict[str, Any]) -> None:
     changed = self.config_changes(saved)
@@ -297,17 +309,32 @@ class TrainingCheckpoints:
   def end_of_epoch(self, state: Any, history: list[dict[str, Any]], *, last: bool = False) -> None:
     """Saves after the epoch of `history[-1]` when due; after a signal, saves and raises `Stopped`.
 
-    The last epoch (`config.num_epochs`, or `last` when training stops early) always saves; a
-    signal during it lets the run end normally.
+    Due: every `config.checkpoint_every_epochs` epochs, once `config.checkpoint_interval_s` have
+    passed since the last save. The last epoch (`config.num_epochs`, or `last` when training
+    stops early) always saves; a signal during it lets the run end normally. An epoch that the
+    interval alone holds back, better by the selection metric than every one saved, is copied
+    and saved before the next save: retention keeps the same best as without an interval.
     """
-    epoch = history[-1]["epoch"]
+    epoch, value = history[-1]["epoch"], history[-1][self.selection_metric]
     last = last or epoch == self.num_epochs
     stop = self._signals.received
-    # Every process of a multi-host run stops after the same epoch, whichever had the signal.
-    if parallel.any_process(stop is not None) and stop is None:
+    due = epoch % self.every == 0 and self._clock() - self._saved_at >= self.interval_s
+    # Every process of a multi-host run stops and saves after the same epochs, whichever had the
+    # signal or saw the time pass.
+    stop_anywhere, due = parallel.any_process([stop is not None, due])
+    if stop_anywhere and stop is None:
       stop = signal.SIGTERM
-    if last or epoch % self.every == 0 or stop is not None:
+    # Of the epochs that would save without an interval, the best yet.
+    improved = epoch % self.every == 0 and value > self._best
+    if improved or last or stop is not None:
+      self._best = max(self._best, value)
+    if last or due or stop is not None:
+      if self._unsaved_best is not None and not improved:
+        self._save(*self._unsaved_best)
+      self._unsaved_best = None
       self._save(state, history)
+    elif improved:  # Copied: the next epoch's step reuses the state's buffers.
+      self._unsaved_best = jax.tree.map(jnp.copy, state), list(history)
     if stop is not None and not last:
       raise Stopped(
           f"stopped by {signal.Signals(stop).name} after epoch {epoch}; checkpoint "
@@ -349,3 +376,4 @@ class TrainingCheckpoints:
           + (f"the last good one is {last}, where the same command resumes" if last is not None
              else "there is no earlier checkpoint")
       ) from None
+    self._saved_at = self._clock()

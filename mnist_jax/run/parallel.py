@@ -249,11 +249,12 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def any_process(flag: bool) -> bool:
-  """Whether `flag` holds on any process; every process must ask at the same point."""
+def any_process(flags: Sequence[bool]) -> list[bool]:
+  """Whether each of `flags` holds on any process; every process must ask at the same point."""
   if jax.process_count() == 1:
-    return flag
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+    return list(flags)
+  gathered = multihost_utils.process_allgather(np.array(flags, np.int32))
+  return [bool(flag) for flag in np.max(gathered.reshape(-1, len(flags)), axis=0)]
 
 
 def main_process_first(fn: Callable[..., Any], *args: Any) -> Any:

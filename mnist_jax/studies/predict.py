@@ -32,7 +32,7 @@ def load(workdir: str, checkpoint: str = "best") -> checkpoints.Restored:
   """Restores the model of `workdir`: its "best" checkpoint, the "latest", or a step number."""
 
   def template(config, meta):
-    configs.validate(config)  # As saved, or damaged: the checks of a config file.
+    configs.validate(config, saved=True)  # As saved, or damaged: the checks of a config file.
     # Shapes alone, laid out as the pipelines' programs take a state: whole on every device, of
     # however many devices this machine has, whatever the training machine had.
     shapes = steps.state_shapes(config, dataset_trained_on(meta), meta["steps_per_epoch"])
