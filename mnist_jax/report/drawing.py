@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import process
 from typing import Any
 
@@ -43,17 +43,35 @@ def _draw(plot: Plot, path: str) -> float:
   return time.perf_counter() - start
 
 
-def write_pngs(figures: dict[str, Plot], directory: str) -> dict[str, float]:
-  """Draws each figure into `<directory>/<name>.png`; returns the seconds each took to draw."""
+def start(figures: dict[str, Plot], directory: str) -> Callable[[], dict[str, float]]:
+  """Starts drawing each figure into `<directory>/<name>.png`, in order, on the workers where
+  they run; returns a function that waits until every one is drawn and returns the seconds each
+  took. Without workers, that function draws them."""
   os.makedirs(directory, exist_ok=True)
   paths = {name: os.path.join(directory, f"{name}.png") for name in figures}
+  futures = {}
   if _pool is not None:
     try:
       futures = {name: _pool.submit(_draw, plot, paths[name]) for name, plot in figures.items()}
-      return {name: future.result() for name, future in futures.items()}
-    except process.BrokenProcessPool:  # A worker died (a signal, memory): draw here instead.
+    except process.BrokenProcessPool:
       _stop_workers()
-  return {name: _draw(plot, paths[name]) for name, plot in figures.items()}
+
+  def finish() -> dict[str, float]:
+    seconds = {}
+    for name, plot in figures.items():
+      try:
+        seconds[name] = futures[name].result() if name in futures else _draw(plot, paths[name])
+      except process.BrokenProcessPool:  # A worker died (a signal, memory): draw here instead.
+        _stop_workers()
+        seconds[name] = _draw(plot, paths[name])
+    return seconds
+
+  return finish
+
+
+def write_pngs(figures: dict[str, Plot], directory: str) -> dict[str, float]:
+  """Draws each figure into `<directory>/<name>.png`; returns the seconds each took to draw."""
+  return start(figures, directory)()
 
 
 @contextlib.contextmanager
@@ -92,7 +110,8 @@ def _stop_workers() -> None:
 def _start_worker(parent: int) -> None:
   """In a worker: end with the parent, however it ends; take only the cores its training leaves
   idle (the lowest priority); import matplotlib and draw a first figure (fonts, Agg), so that the
-  report's figures find them loaded."""
+  report's figures find them loaded. More to draw first would still be drawing when the report
+  starts: training leaves these workers little time."""
   os.nice(19)
 
   def exit_with_parent():

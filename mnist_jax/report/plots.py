@@ -166,12 +166,13 @@ def confusion_matrix(
   precision_ax.imshow(precision_C[None, :], cmap="RdYlGn", vmin=0.8, vmax=1, aspect="auto")
   if num_classes <= 20:
     for (i, j), count in np.ndenumerate(counts_CC):
-      ax.text(j, i, str(count), ha="center", va="center", fontsize=9,
+      ax.text(j, i, str(count), ha="center", va="center", fontsize=9, in_layout=False,
               color="white" if share_CC[i, j] > 0.3 else ("lightgrey" if count == 0 else "black"))
     for i, value in enumerate(recall_C):
-      recall_ax.text(0, i, f"{value:.1%}", ha="center", va="center", fontsize=8)
+      recall_ax.text(0, i, f"{value:.1%}", ha="center", va="center", fontsize=8, in_layout=False)
     for j, value in enumerate(precision_C):
-      precision_ax.text(j, 0, f"{value:.1%}", ha="center", va="center", fontsize=8)
+      precision_ax.text(j, 0, f"{value:.1%}", ha="center", va="center", fontsize=8,
+                        in_layout=False)
   ticks = np.arange(num_classes)
   ax.set_yticks(ticks, class_names)
   ax.set_ylabel("true class")

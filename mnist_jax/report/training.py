@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -123,18 +124,32 @@ Test index: position in the test split as tfds orders it.
 {saliency_text}"""
 
 
-def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[str, float]:
+def write_report(workdir: str, writer: summaries.Writer | None = None,
+                 make_predictions: Callable[[], None] | None = None) -> dict[str, float]:
   """Figures under `<workdir>/plots/`, `<workdir>/report.md`, and the figures to TensorBoard.
 
   Reads `config.json`, `metrics.jsonl` and `predictions.npz`; the test images come from the
-  dataset named in `config.json`. Returns the seconds each figure took to draw and save.
+  dataset named in `config.json`. `make_predictions`, where given, writes `predictions.npz` first
+  (`save_predictions`), while the learning curves, which need only the metrics, are drawn.
+  Returns the seconds each figure took to draw and save.
   """
-  try:
-    config, predictions = rundir.read_config(workdir), rundir.read_predictions(workdir)
-    history = tables.history_columns(rundir.read_history(workdir, metrics.check_record))
-  except rundir.RunFileError as e:
-    raise ReportError(f"{e}; training writes the files of a report at its end, so train to the "
-                      "end first") from None
+
+  def read(read_file):
+    try:
+      return read_file(workdir)
+    except rundir.RunFileError as e:
+      raise ReportError(f"{e}; training writes the files of a report at its end, so train to the "
+                        "end first") from None
+
+  config = read(rundir.read_config)
+  history = tables.history_columns(read(lambda w: rundir.read_history(w, metrics.check_record)))
+  plot_dir = os.path.join(workdir, rundir.PLOTS)
+  Plot = drawing.Plot
+  curves = drawing.start(
+      {"learning_curves": Plot("learning_curves", history, metrics.splits_in(history))}, plot_dir)
+  if make_predictions is not None:
+    make_predictions()
+  predictions = read(rundir.read_predictions)
   logits_NC, labels_N = predictions["logits_NC"], predictions["labels_N"]
   class_names = predictions["class_names"]
   test = data.load_split(config["dataset"], "test", config.get("data_dir"))
@@ -153,45 +168,44 @@ def write_report(workdir: str, writer: summaries.Writer | None = None) -> dict[s
   def captions(indices):
     return [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}" for i in indices]
 
-  first = np.arange(min(25, len(labels_N)))
-  Plot = drawing.Plot
-  figures = {
-      "learning_curves": Plot("learning_curves", history, metrics.splits_in(history)),
-      "test_predictions": Plot(
-          "image_grid", test.images_NHWC[first], captions(first),
-          "First test images: prediction / truth",
-          [drawing.RIGHT_COLOR if predicted_N[i] == labels_N[i] else drawing.WRONG_COLOR
-           for i in first]),
-      "confusion_matrix": Plot(
-          "confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC), class_names,
-          f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}"),
-      "confident_mistakes": Plot(
-          "image_grid", test.images_NHWC[mistakes],
-          [f"{caption}\np = {p:.4f}" for caption, p in zip(captions(mistakes), mistake_probs)],
-          f"The {len(mistakes)} most confident mistakes: prediction / truth",
-          [drawing.WRONG_COLOR] * len(mistakes)),
-      "reliability": tables.reliability_figure(logits_NC, labels_N, "test split"),
-  }
+  # The slowest to draw first, so that the workers finish together.
+  figures = {"confusion_matrix": Plot(
+      "confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC), class_names,
+      f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}")}
   saliency_text = ""
   if "saliency_KHW" in predictions:  # Written by versions since saliency maps.
     shown = predictions["saliency_index_K"]
     figures["mistake_saliency"] = tables.saliency_figure(
         test.images_NHWC[shown], predictions["saliency_KHW"], captions(shown))
     saliency_text = tables.SALIENCY_TEXT.format(figure=f"{rundir.PLOTS}/mistake_saliency.png")
+  first = np.arange(min(25, len(labels_N)))
+  figures.update({
+      "reliability": tables.reliability_figure(logits_NC, labels_N, "test split"),
+      "test_predictions": Plot(
+          "image_grid", test.images_NHWC[first], captions(first),
+          "First test images: prediction / truth",
+          [drawing.RIGHT_COLOR if predicted_N[i] == labels_N[i] else drawing.WRONG_COLOR
+           for i in first]),
+      "confident_mistakes": Plot(
+          "image_grid", test.images_NHWC[mistakes],
+          [f"{caption}\np = {p:.4f}" for caption, p in zip(captions(mistakes), mistake_probs)],
+          f"The {len(mistakes)} most confident mistakes: prediction / truth",
+          [drawing.WRONG_COLOR] * len(mistakes)),
+  })
+  rest = drawing.start(figures, plot_dir)
   temperature = float(predictions["temperature"]) if "temperature" in predictions else None
   calibration_text = tables.calibration_section(
       logits_NC, labels_N, temperature, str(predictions.get("temperature_fitted_on", "")),
       f"{rundir.PLOTS}/reliability.png")
-  plot_dir = os.path.join(workdir, rundir.PLOTS)
-  seconds = drawing.write_pngs(figures, plot_dir)
   mistake_rows = [[int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{p:.4f}"]
                   for i, p in zip(mistakes, mistake_probs)]
+  seconds = {**curves(), **rest()}
   rundir.write_text(os.path.join(workdir, rundir.REPORT), _report_markdown(
       workdir, config, history, counts_CC, class_names, test_loss, mistake_rows,
       calibration_text, saliency_text))
   if writer is not None:
     writer.pngs(int(history["step"][-1]),
-                {f"report/{name}": os.path.join(plot_dir, f"{name}.png") for name in figures})
+                {f"report/{name}": os.path.join(plot_dir, f"{name}.png") for name in seconds})
   return seconds
 
 
@@ -214,9 +228,9 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Any) 
     return
   model = steps.first_seed(state) if config.num_seeds > 1 else state
   try:
-    save_predictions(config, workdir, parallel.local_copy(model))
     with summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD)) as writer:
-      seconds = write_report(workdir, writer)
+      seconds = write_report(workdir, writer, make_predictions=lambda: save_predictions(
+          config, workdir, parallel.local_copy(model)))
     print(_written_line(workdir, seconds), flush=True)
   except Exception as e:  # pylint: disable=broad-except  # A report only looks at the run.
     print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
