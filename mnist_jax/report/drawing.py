@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -124,3 +125,4 @@ def _start_worker(parent: int) -> None:
 
   plots.learning_curves({"epoch": [1], "train_loss": [1.0], "train_accuracy": [0.5]},
                         ["train"]).savefig(os.devnull, format="png", dpi=100)
+  gc.freeze()  # matplotlib's modules, as main() does with the parent's.
