@@ -13,8 +13,12 @@ import numpy as np
 from matplotlib import collections, colors, patches, ticker
 from matplotlib.figure import Figure
 
+def _long(names: Sequence[str]) -> bool:
+  return max(len(name) for name in names) > 2
+
+
 def _rotate_if_long(ax, names: Sequence[str]) -> None:
-  if max(len(name) for name in names) > 2:
+  if _long(names):
     ax.tick_params(axis="x", labelrotation=45)
     for label in ax.get_xticklabels():
       label.set_horizontalalignment("right")
@@ -158,8 +162,16 @@ def confusion_matrix(
   """
   num_classes = len(class_names)
   size = max(6.0, 0.55 * num_classes + 2)
-  fig = Figure(figsize=(size + 1.2, size + 0.4), layout="constrained")
-  grid = fig.add_gridspec(2, 2, width_ratios=[num_classes, 1.4], height_ratios=[num_classes, 0.8])
+  width, height = size + 1.2, size + 0.4
+  if _long(class_names):
+    fig = Figure(figsize=(width, height), layout="constrained")
+    margins = {}
+  else:  # Short names (digits): fixed margins, as the layout engine took a third of the time.
+    fig = Figure(figsize=(width, height))
+    margins = dict(left=0.85 / width, right=1 - 0.1 / width, bottom=0.55 / height,
+                   top=1 - 0.45 / height, wspace=0.03, hspace=0.05)
+  grid = fig.add_gridspec(2, 2, width_ratios=[num_classes, 1.4], height_ratios=[num_classes, 0.8],
+                          **margins)
   ax = fig.add_subplot(grid[0, 0])
   recall_ax = fig.add_subplot(grid[0, 1], sharey=ax)
   precision_ax = fig.add_subplot(grid[1, 0], sharex=ax)
