@@ -172,16 +172,14 @@ def test_saves_wait_for_the_interval_and_keep_the_best_epoch_as_saving_each_woul
       np.testing.assert_array_equal(leaf, expected_leaf)
 
 
-def test_a_resume_keeps_the_best_among_the_saved_epochs(tmp_path):
-  """A run killed before its best epoch was saved: the better of the epochs after the resume is
-  kept as the best, though not as good as the lost one."""
-  config = _config(checkpoint_interval_s=10.0, keep_checkpoints=1, num_epochs=6)
+def test_after_a_resume_only_an_epoch_better_than_the_saved_ones_is_held_back_for_saving(tmp_path):
+  config = _config(checkpoint_interval_s=10.0, keep_checkpoints=10, num_epochs=6)
   clock = _Clock()
   _epochs_every(4.0, clock, tmp_path, config, [0.5, 0.4, 0.45])  # Epoch 1 saved before 3.
   assert _steps(tmp_path) == [100, 300]
-  _epochs_every(4.0, clock, tmp_path, config, [0.48, 0.6, 0.55])
-  assert _steps(tmp_path) == [500, 600]
-  assert _restore(tmp_path, "best").meta["epoch"] == 5
+  _epochs_every(4.0, clock, tmp_path, config, [0.48, 0.47, 0.46])  # None beats epoch 1.
+  assert _steps(tmp_path) == [100, 300, 600]
+  assert _restore(tmp_path, "best").meta["epoch"] == 1
 
 
 def _damage(workdir, step):
