@@ -333,7 +333,7 @@ def main(argv: list[str], whole_process: bool = False) -> None:
       parallel.initialize_distributed(*(flag.value for flag in cluster))
     if whole_process:
       # What is imported so far (JAX) lives as long as the process: the collector, here and in
-      # the workers forked below, no longer walks it (a tenth of a second of the seed run).
+      # the workers forked below, need not walk it again on each full pass.
       gc.freeze()
     draws = _MODE.value in ("train", "sweep", "report", "explore", "attack") or _IMAGES_DIR.present
     with (drawing.workers() if whole_process and draws and not _MULTIHOST.value

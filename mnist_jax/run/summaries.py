@@ -3,9 +3,9 @@
 Events are the summaries `tf.summary.scalar` and `tf.summary.image` write (tensors tagged for
 TensorBoard's scalars and images plugins), built from TensorBoard's own protos, so a run imports no
 TensorFlow for them. Each is written as one TFRecord (`_record`), the bytes TensorBoard's own
-writer writes; that writer computes their checksums in pure Python, a tenth of a second for a
-report's figures. Each write is flushed at once. A write that fails says so on stderr once and turns the
-writer off; the run goes on (`metrics.jsonl` is the full record).
+writer writes, but with a compiled checksum: that writer computes CRC-32C in pure Python, slow
+for a report's PNGs. Each write is flushed at once. A write that fails says so on stderr once and
+turns the writer off; the run goes on (`metrics.jsonl` is the full record).
 """
 
 from __future__ import annotations
