@@ -1,9 +1,10 @@
 """The training report: where the model is right and where it fails.
 
-After training, `after_training` writes the test logits to `<workdir>/predictions.npz` (10,000 x 10
-floats for MNIST), then `write_report` turns that file and `metrics.jsonl` into figures under
+After training, `save_predictions` writes the test logits to `<workdir>/predictions.npz` (10,000 x
+10 floats for MNIST), and `write_report` turns that file and `metrics.jsonl` into figures under
 `<workdir>/plots/`, TensorBoard images, and `<workdir>/report.md`, so `--mode=report` can redo it
-for a finished workdir without the trained parameters.
+for a finished workdir without the trained parameters. `after_training` has the report call
+`save_predictions` first, while its learning curves are drawn.
 """
 
 from __future__ import annotations

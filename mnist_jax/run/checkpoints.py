@@ -318,14 +318,14 @@ class TrainingCheckpoints:
     epoch, value = history[-1]["epoch"], history[-1][self.selection_metric]
     last = last or epoch == self.num_epochs
     stop = self._signals.received
-    due = epoch % self.every == 0 and self._clock() - self._saved_at >= self.interval_s
+    scheduled = epoch % self.every == 0  # Due without an interval.
+    due = scheduled and self._clock() - self._saved_at >= self.interval_s
     # Every process of a multi-host run stops and saves after the same epochs, whichever had the
     # signal or saw the time pass.
     stop_anywhere, due = parallel.any_process([stop is not None, due])
     if stop_anywhere and stop is None:
       stop = signal.SIGTERM
-    # Of the epochs that would save without an interval, the best yet.
-    improved = epoch % self.every == 0 and value > self._best
+    improved = scheduled and value > self._best
     if improved or last or stop is not None:
       self._best = max(self._best, value)
     if last or due or stop is not None:

@@ -192,4 +192,3 @@ def _is_box(mark_hw: np.ndarray, side: int) -> bool:
   edges_hw = np.ones_like(mark_hw)
   edges_hw[band:-band, band:-band] = False
   return bool(np.sum(mark_hw & edges_hw) >= 0.85 * np.sum(mark_hw))
-
