@@ -55,7 +55,10 @@ def phases(workdir: str, out: str) -> None:
   seconds["imports"] = time.perf_counter() - start
   timed(steps, "initial_state", "init")
   timed(checkpoints.TrainingCheckpoints, "end_of_epoch", "saves")
-  timed(training, "save_predictions", "report_predictions")
+  # Older trees compute the predictions in one function, newer ones in three.
+  for name in ("save_predictions", "_test_logits", "_temperature_and_saliency"):
+    if hasattr(training, name):
+      timed(training, name, "report_predictions")
   timed(training, "after_training", "report")
   timed(train, "train_and_evaluate", "train_and_evaluate")
   create = pipelines.create_pipeline

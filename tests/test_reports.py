@@ -168,8 +168,10 @@ def test_report_mode_redraws_the_report_of_a_finished_run(trained, tmp_path):
   result = main_in_process("--mode=report", f"--workdir={copy}")
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith(f"report: {copy / 'report.md'} (6 figures, the slowest drawn in ")
-  for name in REPORT_FIGURES:
+  for name in REPORT_FIGURES:  # Drawn from predictions.npz as training drew them from memory.
     assert_legible_png(copy / "plots" / f"{name}.png")
+    assert (copy / "plots" / f"{name}.png").read_bytes() == (
+        workdir / "plots" / f"{name}.png").read_bytes(), name
   original = (workdir / "report.md").read_text().replace(str(workdir), "WORKDIR")
   redrawn = (copy / "report.md").read_text().replace(str(copy), "WORKDIR")
   assert redrawn.replace("`copy`", f"`{workdir.name}`") == original

@@ -1,17 +1,15 @@
 """The training report: where the model is right and where it fails.
 
-After training, `save_predictions` writes the test logits to `<workdir>/predictions.npz` (10,000 x
-10 floats for MNIST), and `write_report` turns that file and `metrics.jsonl` into figures under
-`<workdir>/plots/`, TensorBoard images, and `<workdir>/report.md`, so `--mode=report` can redo it
-for a finished workdir without the trained parameters. `after_training` has the report call
-`save_predictions` first, while its learning curves are drawn.
+`write_report` turns the test logits (10,000 x 10 floats for MNIST) and `metrics.jsonl` into
+figures under `<workdir>/plots/`, TensorBoard images, and `<workdir>/report.md`. After training it
+computes the logits and writes them to `<workdir>/predictions.npz`, so that `--mode=report` can
+redo the report of a finished workdir without the trained parameters.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -28,31 +26,38 @@ class ReportError(errors.UserError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Predictions.
+# Predictions: `predictions.npz`, all the report needs of the trained parameters.
 
 
-def save_predictions(config: ml_collections.ConfigDict, workdir: str, state: Any) -> None:
-  """Writes to `<workdir>/predictions.npz` the test split's logits, labels and class names, the
-  temperature fitted on held-out data (calibration.py), and the saliency maps of the most
-  confident mistakes: all the report needs of the trained parameters."""
-  info = data.dataset_info(config.dataset, config.data_dir)
-  model_logits = lambda images: predict.logits(state, images, batch_size=config.eval_batch_size,
-                                               mean=config.pixel_mean, std=config.pixel_std)
-  test = data.load_split(config.dataset, "test", config.data_dir)
-  logits_NC = model_logits(test.images_NHWC)
-  fitted = calibration.fit_on_validation(config, model_logits)
-  calibrated = {} if fitted is None else dict(temperature=np.float32(fitted[0]),
-                                              temperature_fitted_on=np.array(fitted[1]))
-  mistakes = tables.most_confident_mistakes(  # As `write_report` ranks them.
-      np.exp(calibration.log_softmax(logits_NC)), test.labels_N, tables.NUM_MISTAKES)
-  maps = {}
-  if len(mistakes):
-    saliency_KHWC = saliency.saliency(state, test.images_NHWC[mistakes],
-                                      logits_NC[mistakes].argmax(1), mean=config.pixel_mean,
-                                      std=config.pixel_std)
-    maps = dict(saliency_KHW=np.asarray(saliency_KHWC).max(axis=-1), saliency_index_K=mistakes)
-  rundir.write_predictions(workdir, logits_NC, test.labels_N, info.class_names, **calibrated,
-                           **maps)
+def _test_logits(config: ml_collections.ConfigDict, state: Any, test: data.Split
+                 ) -> dict[str, np.ndarray]:
+  """The first arrays of `predictions.npz`: the test split's logits, labels and class names."""
+  logits_NC = predict.logits(state, test.images_NHWC, batch_size=config.eval_batch_size,
+                             mean=config.pixel_mean, std=config.pixel_std)
+  class_names = data.dataset_info(config.dataset, config.data_dir).class_names
+  return dict(logits_NC=logits_NC, labels_N=test.labels_N, class_names=np.array(class_names))
+
+
+def _saliency_maps(config: ml_collections.ConfigDict, state: Any, test: data.Split,
+                   logits_NC: np.ndarray, mistakes: np.ndarray) -> dict[str, np.ndarray]:
+  """`predictions.npz`'s saliency maps of the test images at `mistakes` (the most confident
+  mistakes), for the predicted class."""
+  if not len(mistakes):
+    return {}
+  saliency_KHWC = saliency.saliency(state, test.images_NHWC[mistakes],
+                                    logits_NC[mistakes].argmax(1), mean=config.pixel_mean,
+                                    std=config.pixel_std)
+  return dict(saliency_KHW=np.asarray(saliency_KHWC).max(axis=-1), saliency_index_K=mistakes)
+
+
+def _temperature(config: ml_collections.ConfigDict, state: Any) -> dict[str, np.ndarray]:
+  """`predictions.npz`'s temperature, fitted on the run's validation split (calibration.py), and
+  a description of that split; nothing for a run without one."""
+  fitted = calibration.fit_on_validation(config, lambda images: predict.logits(
+      state, images, batch_size=config.eval_batch_size, mean=config.pixel_mean,
+      std=config.pixel_std))
+  return {} if fitted is None else dict(temperature=np.float32(fitted[0]),
+                                        temperature_fitted_on=np.array(fitted[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,13 +131,15 @@ Test index: position in the test split as tfds orders it.
 
 
 def write_report(workdir: str, writer: summaries.Writer | None = None,
-                 make_predictions: Callable[[], None] | None = None) -> dict[str, float]:
+                 trained: tuple[ml_collections.ConfigDict, Any] | None = None
+                 ) -> dict[str, float]:
   """Figures under `<workdir>/plots/`, `<workdir>/report.md`, and the figures to TensorBoard.
 
   Reads `config.json`, `metrics.jsonl` and `predictions.npz`; the test images come from the
-  dataset named in `config.json`. `make_predictions`, where given, writes `predictions.npz` first
-  (`save_predictions`), while the learning curves, which need only the metrics, are drawn.
-  Returns the seconds each figure took to draw and save.
+  dataset named in `config.json`. With `trained`, the config and state of the run just trained,
+  computes the predictions and writes `predictions.npz` instead, and the figures that need only
+  the metrics or the logits are drawn meanwhile. Returns the seconds each figure took to draw and
+  save.
   """
 
   def read(read_file):
@@ -146,17 +153,18 @@ def write_report(workdir: str, writer: summaries.Writer | None = None,
   history = tables.history_columns(read(lambda w: rundir.read_history(w, metrics.check_record)))
   plot_dir = os.path.join(workdir, rundir.PLOTS)
   Plot = drawing.Plot
-  curves = drawing.start(
-      {"learning_curves": Plot("learning_curves", history, metrics.splits_in(history))}, plot_dir)
-  if make_predictions is not None:
-    make_predictions()
-  predictions = read(rundir.read_predictions)
+  waits = [drawing.start(
+      {"learning_curves": Plot("learning_curves", history, metrics.splits_in(history))}, plot_dir)]
+  test = data.load_split(config["dataset"], "test", config.get("data_dir"))
+  if trained is None:
+    predictions = read(rundir.read_predictions)
+    if not np.array_equal(test.labels_N, predictions["labels_N"]):
+      raise ReportError(f"the test labels of {config['dataset']} differ from those in "
+                        f"{rundir.PREDICTIONS}; the dataset changed since training")
+  else:
+    predictions = _test_logits(*trained, test)
   logits_NC, labels_N = predictions["logits_NC"], predictions["labels_N"]
   class_names = predictions["class_names"]
-  test = data.load_split(config["dataset"], "test", config.get("data_dir"))
-  if not np.array_equal(test.labels_N, labels_N):
-    raise ReportError(f"the test labels of {config['dataset']} differ from those in "
-                      f"{rundir.PREDICTIONS}; the dataset changed since training")
   log_probs_NC = calibration.log_softmax(logits_NC)
   probs_NC = np.exp(log_probs_NC)
   predicted_N = logits_NC.argmax(axis=1)
@@ -169,19 +177,24 @@ def write_report(workdir: str, writer: summaries.Writer | None = None,
   def captions(indices):
     return [f"{class_names[predicted_N[i]]} / {class_names[labels_N[i]]}" for i in indices]
 
-  # The slowest to draw first, so that the workers finish together.
-  figures = {"confusion_matrix": Plot(
-      "confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC), class_names,
-      f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}")}
+  # Each figure starts as soon as its arrays are ready; the slowest first, so that the workers
+  # finish together.
+  waits.append(drawing.start({
+      "confusion_matrix": Plot(
+          "confusion_matrix", counts_CC, *tables.recall_and_precision(counts_CC), class_names,
+          f"Confusion matrix, {len(labels_N)} test examples, accuracy {accuracy:.2%}"),
+      "reliability": tables.reliability_figure(logits_NC, labels_N, "test split"),
+  }, plot_dir))
+  if trained is not None:
+    predictions.update(_saliency_maps(*trained, test, logits_NC, mistakes))
   saliency_text = ""
   if "saliency_KHW" in predictions:  # Written by versions since saliency maps.
     shown = predictions["saliency_index_K"]
-    figures["mistake_saliency"] = tables.saliency_figure(
-        test.images_NHWC[shown], predictions["saliency_KHW"], captions(shown))
+    waits.append(drawing.start({"mistake_saliency": tables.saliency_figure(
+        test.images_NHWC[shown], predictions["saliency_KHW"], captions(shown))}, plot_dir))
     saliency_text = tables.SALIENCY_TEXT.format(figure=f"{rundir.PLOTS}/mistake_saliency.png")
   first = np.arange(min(25, len(labels_N)))
-  figures.update({
-      "reliability": tables.reliability_figure(logits_NC, labels_N, "test split"),
+  waits.append(drawing.start({
       "test_predictions": Plot(
           "image_grid", test.images_NHWC[first], captions(first),
           "First test images: prediction / truth",
@@ -192,15 +205,17 @@ def write_report(workdir: str, writer: summaries.Writer | None = None,
           [f"{caption}\np = {p:.4f}" for caption, p in zip(captions(mistakes), mistake_probs)],
           f"The {len(mistakes)} most confident mistakes: prediction / truth",
           [drawing.WRONG_COLOR] * len(mistakes)),
-  })
-  rest = drawing.start(figures, plot_dir)
+  }, plot_dir))
+  if trained is not None:
+    predictions.update(_temperature(*trained))
+    rundir.write_predictions(workdir, **predictions)
   temperature = float(predictions["temperature"]) if "temperature" in predictions else None
   calibration_text = tables.calibration_section(
       logits_NC, labels_N, temperature, str(predictions.get("temperature_fitted_on", "")),
       f"{rundir.PLOTS}/reliability.png")
   mistake_rows = [[int(i), class_names[labels_N[i]], class_names[predicted_N[i]], f"{p:.4f}"]
                   for i, p in zip(mistakes, mistake_probs)]
-  seconds = {**curves(), **rest()}
+  seconds = {name: s for wait in waits for name, s in wait().items()}
   rundir.write_text(os.path.join(workdir, rundir.REPORT), _report_markdown(
       workdir, config, history, counts_CC, class_names, test_loss, mistake_rows,
       calibration_text, saliency_text))
@@ -230,8 +245,7 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Any) 
   model = steps.first_seed(state) if config.num_seeds > 1 else state
   try:
     with summaries.Writer(os.path.join(workdir, rundir.TENSORBOARD)) as writer:
-      seconds = write_report(workdir, writer, make_predictions=lambda: save_predictions(
-          config, workdir, parallel.local_copy(model)))
+      seconds = write_report(workdir, writer, trained=(config, parallel.local_copy(model)))
     print(_written_line(workdir, seconds), flush=True)
   except Exception as e:  # pylint: disable=broad-except  # A report only looks at the run.
     print(f"mnist_jax: warning: no training report ({type(e).__name__}: {e}); metrics are in "
