@@ -284,6 +284,13 @@ def test_event_records_are_the_bytes_tensorboards_own_writer_writes():
   assert b"".join(summaries._record(payload) for payload in payloads) == frames.getvalue()
 
 
+@pytest.mark.parametrize("values", [0.1, 1e30, float("nan"), [b"28", b"28", bytes(range(256))]])
+def test_tensors_are_those_tensorboards_own_function_makes(values):
+  expected = tensor_util.make_tensor_proto(
+      np.float32(values) if isinstance(values, float) else values)
+  assert summaries._tensor(values).SerializeToString() == expected.SerializeToString()
+
+
 def test_a_writer_that_cannot_write_warns_once_and_training_goes_on(tmp_path, capsys):
   (tmp_path / "tensorboard").write_text("a file where the log directory should be")
   writer = summaries.Writer(str(tmp_path / "tensorboard"))

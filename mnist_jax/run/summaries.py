@@ -21,10 +21,9 @@ import time
 import google_crc32c
 import numpy as np
 from PIL import Image
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
-from tensorboard.util import tensor_util
 
 _FILE_NUMBERS = itertools.count()
 
@@ -40,6 +39,19 @@ def _record(data: bytes) -> bytes:
   length = struct.pack("<Q", len(data))
   return (length + struct.pack("<I", _masked_crc32c(length)) + data
           + struct.pack("<I", _masked_crc32c(data)))
+
+
+def _tensor(values: float | list[bytes]) -> tensor_pb2.TensorProto:
+  """A float32 scalar, or a vector of byte strings, as `tensor_util.make_tensor_proto` makes
+  them; that module would import TensorBoard's TensorFlow stub, the larger part of its import."""
+  if isinstance(values, list):
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(
+        size=len(values))])
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape,
+                                  string_val=values)
+  return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT,
+                                tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+                                float_val=[values])
 
 
 class Writer:
@@ -96,8 +108,7 @@ class Writer:
     metadata = scalar_metadata.create_summary_metadata(display_name=None, description=None)
     self._summary(step, [
         summary_pb2.Summary.Value(
-            tag=tag, metadata=metadata,
-            tensor=tensor_util.make_tensor_proto(np.float32(value)))
+            tag=tag, metadata=metadata, tensor=_tensor(float(np.float32(value))))
         for tag, value in values.items()
     ])
 
@@ -112,5 +123,5 @@ class Writer:
         width, height = image.size
       contents = [str(width).encode(), str(height).encode(), png]
       values.append(summary_pb2.Summary.Value(
-          tag=tag, metadata=metadata, tensor=tensor_util.make_tensor_proto(contents)))
+          tag=tag, metadata=metadata, tensor=_tensor(contents)))
     self._summary(step, values)
