@@ -45,6 +45,9 @@ _ITEMS = ("state", "meta", "config")
 CheckRecord = Callable[[Any], Any]  # An epoch record -> itself, or ValueError saying what is wrong.
 TemplateFn = Callable[[ml_collections.ConfigDict, dict[str, Any]], Any]
 
+# A copy of a state in new buffers, as one program: leaf by leaf, each shape compiles its own.
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
 
 class CheckpointError(errors.UserError):
   """Checkpoints that cannot be used as asked, with a message that says what to do."""
@@ -334,7 +337,7 @@ class TrainingCheckpoints:
       self._unsaved_best = None
       self._save(state, history)
     elif improved:  # Copied: the next epoch's step reuses the state's buffers.
-      self._unsaved_best = jax.tree.map(jnp.copy, state), list(history)
+      self._unsaved_best = _copy(state), list(history)
     if stop is not None and not last:
       raise Stopped(
           f"stopped by {signal.Signals(stop).name} after epoch {epoch}; checkpoint "
