@@ -27,23 +27,37 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
 from mnist_jax import errors
 from mnist_jax.run import guard, integrity, parallel, rundir
+
+if TYPE_CHECKING:
+  import orbax.checkpoint as ocp
 
 _ITEMS = ("state", "meta", "config")
 
 CheckRecord = Callable[[Any], Any]  # An epoch record -> itself, or ValueError saying what is wrong.
 TemplateFn = Callable[[ml_collections.ConfigDict, dict[str, Any]], Any]
+
+def _orbax():
+  """orbax.checkpoint, imported where first used: a run that starts without checkpoints imports it
+  while it trains (`TrainingCheckpoints.resume`), on the cores training leaves idle."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  return ocp
+
+
+def _import_quietly() -> None:
+  with contextlib.suppress(Exception):  # A failure is raised again where orbax is first used.
+    _orbax()
+
 
 # A copy of a state in new buffers, as one program: leaf by leaf, each shape compiles its own.
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
@@ -81,6 +95,7 @@ def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
   The reading manager never reads orbax's metrics item: "best" is ranked from the checked meta
   item instead (see `restore`).
   """
+  ocp = _orbax()
   best = lambda metrics: metrics["selection"]
   if keep is None:
     # Not orbax's read_only, which logs a warning; this manager never saves, so never deletes.
@@ -90,9 +105,9 @@ def _manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
         best_fn=best,
         best_mode="max",
         # best_fn with max_to_keep alone would delete the newest when worse; resume needs them.
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy([
-            checkpoint_managers.LatestN(n=keep),
-            checkpoint_managers.BestN(get_metric_fn=best, n=1),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=best, n=1),
         ]),
         # Saves finish before the next epoch donates the state's buffers.
         enable_async_checkpointing=False,
@@ -114,6 +129,7 @@ def _as_pytree(state: Any) -> dict[str, Any]:
 def _read_items(manager: ocp.CheckpointManager, step: int, check_record: CheckRecord
                 ) -> tuple[dict, dict, ml_collections.ConfigDict]:
   """A step's checked meta item, its config as saved, and as a ConfigDict."""
+  ocp = _orbax()
   saved = manager.restore(
       step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
   )
@@ -131,6 +147,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, template_fn: Templa
   state_dir = os.path.join(manager.directory, str(step), "state")
   integrity.check_array_store(state_dir)
   integrity.check_fits(state_dir, _as_pytree(template))
+  ocp = _orbax()
   arrays = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_pytree(template)))
   ).state
@@ -252,11 +269,20 @@ class TrainingCheckpoints:
     if parallel.is_main_process():  # The other processes of a multi-host run share the workdir.
       self._stack.enter_context(guard.lock_workdir(self.workdir))
       guard.remove_unfinished_saves(self.workdir)
-    for step in integrity.steps_with_damaged_metrics(checkpoint_dir(self.workdir)):
+    directory = checkpoint_dir(self.workdir)
+    for step in integrity.steps_with_damaged_metrics(directory):
       guard.set_aside(self.workdir, step)  # orbax's retention would fail on them.
-    self._manager = self._stack.enter_context(_manager(self.workdir, self.keep))
+    # Without checkpoints, one process opens orbax's manager at its first save. The processes of
+    # a multi-host run open theirs together, as orbax synchronizes them.
+    if jax.process_count() > 1 or (os.path.isdir(directory) and os.listdir(directory)):
+      self._open_manager()
     self._stack.enter_context(self._signals)
     return self
+
+  def _open_manager(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      self._manager = self._stack.enter_context(_manager(self.workdir, self.keep))
+    return self._manager
 
   def __exit__(self, *exc_info) -> None:
     self._stack.close()
@@ -270,6 +296,9 @@ class TrainingCheckpoints:
     saved, and the older ones whose items fail their checks (the arrays of those are not read).
     """
     self.meta = dict(meta)
+    if self._manager is None:  # No checkpoints: orbax is imported while the epochs train.
+      threading.Thread(target=_import_quietly, daemon=True).start()
+      return state, []
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return state, []
@@ -347,7 +376,8 @@ class TrainingCheckpoints:
   def _save(self, state: Any, history: list[dict[str, Any]]) -> None:
     """Saves checkpoint `state.step`, or raises `CheckpointError`: never skips it silently."""
     step, directory = int(state.step), checkpoint_dir(self.workdir)
-    latest = self._manager.latest_step()
+    manager = self._open_manager()
+    latest = manager.latest_step()
     if latest is not None and latest >= step:  # orbax would skip the save and return False.
       raise CheckpointError(
           f"checkpoint {step} cannot be written to {directory}, which already holds checkpoint "
@@ -358,8 +388,9 @@ class TrainingCheckpoints:
         **self.meta, "epoch": history[-1]["epoch"], "history": history,
         "sha256": integrity.digests(_as_pytree(state)),
         "config_sha256": integrity.json_digest(self.config)})
+    ocp = _orbax()
     try:
-      saved = self._manager.save(
+      saved = manager.save(
           step,
           args=ocp.args.Composite(
               state=ocp.args.StandardSave(_as_pytree(state)),
@@ -373,7 +404,7 @@ class TrainingCheckpoints:
       guard.remove_unfinished_saves(self.workdir, step)
       reason = integrity.os_reason(e)
     if reason is not None:
-      last = self._manager.latest_step()
+      last = manager.latest_step()
       raise CheckpointError(
           f"checkpoint {step} could not be written to {directory} ({reason}); "
           + (f"the last good one is {last}, where the same command resumes" if last is not None

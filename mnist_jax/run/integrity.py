@@ -26,8 +26,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-import tensorstore as ts
 from etils import epath
 
 from mnist_jax.run import parallel
@@ -120,6 +118,7 @@ def check_array_store(state_dir: str) -> None:
   leaves their errors to be printed when the process exits."""
   if not os.path.exists(os.path.join(state_dir, "manifest.ocdbt")):
     return  # Not stored as OCDBT, orbax's default: its own checks alone.
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel  # See checkpoints.py.
   try:
     store = {"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + "/"}}  # As orbax.
     ts.KvStore.open(store).result().list().result()
@@ -136,6 +135,7 @@ def check_fits(state_dir: str, template: Any) -> None:
   """`Damaged` unless the arrays saved in `state_dir` have the paths, shapes and dtypes of
   `template`'s. Checked from orbax's metadata before a restore: a restore into arrays of other
   shapes fails halfway, and leaves orbax's unfinished reads to print their errors later."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  # See checkpoints.py.
   saved = {_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
            for path, leaf in jax.tree_util.tree_leaves_with_path(
                ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)))}
