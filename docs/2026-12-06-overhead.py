@@ -56,7 +56,7 @@ def phases(workdir: str, out: str) -> None:
   timed(steps, "initial_state", "init")
   timed(checkpoints.TrainingCheckpoints, "end_of_epoch", "saves")
   # Older trees compute the predictions in one function, newer ones in three.
-  for name in ("save_predictions", "_test_logits", "_temperature_and_saliency"):
+  for name in ("save_predictions", "_test_logits", "_saliency_maps", "_temperature"):
     if hasattr(training, name):
       timed(training, name, "report_predictions")
   timed(training, "after_training", "report")
