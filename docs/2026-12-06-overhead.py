@@ -5,8 +5,9 @@
 Alternates the trees, each run from the same Python with `PYTHONPATH` set to its tree, each with a
 compilation cache of its own (filled by the first round). Prints, per tree, medians and ranges of
 the seed command's wall time and overhead (wall minus `train_time_s` and `compile_time_s`), of
-`--mode=predict` on one image, then the phases of the seed command (3 runs each), and whether the
-two trees' `predictions.npz` are identical. With `--phases WORKDIR OUT`, this file is the timed
+`--mode=predict` on one image, then the phases of the seed command (3 runs each); then the median
+difference, round by round, of the wall, training and overhead times, and whether the two trees'
+`predictions.npz` are identical. With `--phases WORKDIR OUT`, this file is the timed
 command itself.
 """
 
@@ -107,7 +108,8 @@ def compare(trees: dict[str, str], rounds: int, scratch: str) -> None:
   digit = os.path.join(scratch, "digit.png")
   test = data.load_split("mnist", "test", None)
   Image.fromarray(255 - test.images_NHWC[0, ..., 0]).resize((280, 280)).save(digit)
-  results = {name: {"wall": [], "overhead": [], "predict": [], "phases": []} for name in trees}
+  results = {name: {"wall": [], "train": [], "overhead": [], "predict": [], "phases": []}
+             for name in trees}
   for i in range(rounds):
     for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
       tree, workdir, cache = trees[name], os.path.join(scratch, name), os.path.join(scratch, f"cache_{name}")
@@ -116,6 +118,7 @@ def compare(trees: dict[str, str], rounds: int, scratch: str) -> None:
       with open(os.path.join(workdir, "final_metrics.json")) as f:
         final = json.load(f)
       results[name]["wall"].append(wall)
+      results[name]["train"].append(final["train_time_s"])
       results[name]["overhead"].append(wall - final["train_time_s"] - final["compile_time_s"])
       for _ in range(2):
         results[name]["predict"].append(_run(tree, ["-m", "mnist_jax.main", "--mode=predict",
@@ -140,6 +143,10 @@ def compare(trees: dict[str, str], rounds: int, scratch: str) -> None:
           f"predict {_summary(result['predict'])}")
     print("  phases: " + ", ".join(f"{phase} {statistics.median(p[phase] for p in result['phases']):.2f} s"
                                    for phase in result["phases"][0]))
+  before, after = results.values()
+  print("after - before, medians of the rounds' differences: " + ", ".join(
+      f"{key} {statistics.median(a - b for a, b in zip(after[key], before[key])):+.2f} s"
+      for key in ("wall", "train", "overhead")))
   saved = [np.load(os.path.join(scratch, name, "predictions.npz")) for name in trees]
   same = all(np.array_equal(saved[0][key], saved[1][key]) for key in saved[0].files)
   print(f"predictions.npz identical: {same and saved[0].files == saved[1].files}")
