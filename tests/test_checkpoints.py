@@ -4,6 +4,8 @@ import gc
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,31 @@ def test_saves_wait_for_the_interval_and_keep_the_best_epoch_as_saving_each_woul
     assert saved.meta["history"] == expected.meta["history"]
     for leaf, expected_leaf in zip(jax.tree.leaves(saved.state), jax.tree.leaves(expected.state)):
       np.testing.assert_array_equal(leaf, expected_leaf)
+
+
+def test_a_run_without_checkpoints_opens_orbax_at_its_first_save(tmp_path):
+  config = _config(checkpoint_interval_s=10.0, num_epochs=3)
+  clock, directory = _Clock(), checkpoints.checkpoint_dir(str(tmp_path))
+  with _training(tmp_path, config, clock=clock) as ckpts:
+    state, history = ckpts.resume(_fresh_state(config), META)
+    for epoch, seconds in [(1, 4.0), (2, 8.0)]:
+      clock.now = seconds
+      history.append(_record(epoch, 100 * epoch, 0.5))
+      ckpts.end_of_epoch(state.replace(step=jnp.int32(100 * epoch)), history)
+      assert not os.path.exists(directory), epoch  # Not due: orbax's manager not opened yet.
+    clock.now = 12.0
+    history.append(_record(3, 300, 0.5))
+    ckpts.end_of_epoch(state.replace(step=jnp.int32(300)), history)
+  assert _steps(tmp_path) == [100, 300]  # Epoch 1, the best, held back until the last.
+
+
+def test_the_modules_that_train_import_no_orbax():
+  # A run without checkpoints imports it while it trains (TrainingCheckpoints.resume).
+  code = ("import sys, mnist_jax.main, mnist_jax.train, mnist_jax.report.training; "
+          "print(sorted(m for m in sys.modules if m.startswith(('orbax', 'tensorstore'))))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          check=True)
+  assert result.stdout.strip() == "[]"
 
 
 def test_after_a_resume_only_an_epoch_better_than_the_saved_ones_is_held_back_for_saving(tmp_path):
