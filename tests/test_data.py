@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -41,6 +42,19 @@ def test_tfds_load_of_the_prepared_bundled_mnist_gives_the_same_arrays(mnist_tra
                                              as_supervised=True))
     np.testing.assert_array_equal(images, split_ours.images_NHWC)
     np.testing.assert_array_equal(labels, split_ours.labels_N)
+
+
+@pytest.mark.tf
+def test_builders_of_a_dataset_not_prepared_yet_leave_no_temporary_directory(tmp_path,
+                                                                             monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", lambda *a, **k: None)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  os.mkdir(tmp_path / "tmp")
+  sources.prepare_tfds_mnist(str(tmp_path / "data"))
+  sources.prepared_builder("mnist", str(tmp_path / "data"))
+  assert os.listdir(tmp_path / "tmp") == []
 
 
 _LOAD_WITHOUT_TENSORFLOW = """

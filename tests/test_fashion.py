@@ -3,6 +3,7 @@ they stop in one line."""
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ def mock_fashion_mnist(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   monkeypatch.setattr(sources, "_damaged_files", lambda builder: None)
+  # tfds leaves a temporary directory behind for the builder of a dataset not prepared yet.
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   metadata_dir = tmp_path / "tfds_metadata"
   builder = tfds.builder("fashion_mnist", data_dir=str(metadata_dir))
   builder.info.set_splits(tfds.core.SplitDict([

@@ -162,6 +162,18 @@ def tfds_order(num_examples: int, split: str) -> np.ndarray:
   return np.array(sorted(range(num_examples), key=hashed))
 
 
+@contextlib.contextmanager
+def _tfds_scratch() -> Iterator[None]:
+  """Within, temporary files go to a directory removed after: tfds makes one, and never removes
+  it, for each builder of a dataset not prepared yet (`DatasetInfo.initialize_from_bucket`)."""
+  with tempfile.TemporaryDirectory(prefix="mnist_jax_tfds_") as scratch:
+    previous, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous
+
+
 def prepare_tfds_mnist(data_dir: str | None = None) -> str:
   """Prepares tfds' `mnist` from the bundled files, so that `tfds.load("mnist")` works offline;
   returns its directory. Needs the `tf` extra; this package's own runs never need it."""
@@ -187,7 +199,8 @@ def prepare_tfds_mnist(data_dir: str | None = None) -> str:
   # Processes preparing at once take turns: the first prepares, the others find it prepared.
   with open(os.path.join(data_root(data_dir), ".mnist_jax_prepare.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
-    builder = BundledMNIST(data_dir=data_dir)
+    with _tfds_scratch():
+      builder = BundledMNIST(data_dir=data_dir)
     if not builder.is_prepared():
       with contextlib.redirect_stdout(io.StringIO()):  # tfds' own lines speak of a download.
         builder.download_and_prepare()
@@ -233,7 +246,8 @@ def prepared_builder(name: str, data_dir: str | None):
   check_name(name)
   tfds = import_tfds(name)
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _tfds_scratch():
+      builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f"unknown dataset {name!r}: not a tfds dataset name") from e
   except Exception as e:  # pylint: disable=broad-except  # A damaged dataset_info.json, ...
