@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib import collections, colors, patches, ticker
 from matplotlib.figure import Figure
 
+
 def _long(names: Sequence[str]) -> bool:
   return max(len(name) for name in names) > 2
 

@@ -47,6 +47,7 @@ _ITEMS = ("state", "meta", "config")
 CheckRecord = Callable[[Any], Any]  # An epoch record -> itself, or ValueError saying what is wrong.
 TemplateFn = Callable[[ml_collections.ConfigDict, dict[str, Any]], Any]
 
+
 def _orbax():
   """orbax.checkpoint, imported where first used: a run that starts without checkpoints imports it
   while it trains (`TrainingCheckpoints.resume`), on the cores training leaves idle."""
