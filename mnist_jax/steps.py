@@ -8,6 +8,7 @@ Nothing here reads files, prints or keeps state: each function is jit-able as it
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -241,25 +242,34 @@ def _epoch_rng(data_rng: jax.Array, epoch: jax.Array) -> jax.Array:
   return fold(data_rng) if data_rng.ndim == 1 else jax.vmap(fold)(data_rng)  # One a seed.
 
 
-def initial_state(
+def compile_initial_state(
     config: ml_collections.ConfigDict, info: data.DatasetInfo, steps_per_epoch: int
-) -> tuple[TrainState, np.ndarray]:
-  """The state a run starts from, one model per seed, and every epoch's keys for the data order.
+) -> Callable[[], tuple[TrainState, np.ndarray]]:
+  """Compiles the programs of the state a run starts from; the function returned runs them.
 
-  `epoch_rngs[e]` is epoch `e`'s key (`[num_seeds, 2]` with several seeds), for `e` up to
-  `config.num_epochs`. The state is computed as one compiled program, with the same bits as op by
-  op, where each initializer and key derivation would compile apart (27 programs for the seed
-  MLP); it does not depend on `num_epochs`, so a run resumed with more epochs finds it compiled.
+  It returns one model per seed, and every epoch's key for the data order: `epoch_rngs[e]` is
+  epoch `e`'s key (`[num_seeds, 2]` with several seeds), for `e` up to `config.num_epochs`. The
+  state is computed as one program, with the same bits as op by op, where each initializer and key
+  derivation would compile apart (27 programs for the seed MLP); it does not depend on
+  `num_epochs`, so a run resumed with more epochs finds it compiled. Compiled ahead, as the
+  pipelines' programs are, so that a caller can time the compiling apart.
   """
-  state, data_rng = jax.jit(functools.partial(_initialize, config, info, steps_per_epoch))()
-  epoch_rngs = [_epoch_rng(data_rng, np.uint32(epoch)) for epoch in range(config.num_epochs + 1)]
-  return state, np.stack(jax.device_get(epoch_rngs))
+  lowered = jax.jit(functools.partial(_initialize, config, info, steps_per_epoch)).lower()
+  initialize = lowered.compile()
+  epoch_rng = _epoch_rng.lower(lowered.out_info[1], np.uint32(0)).compile()
+
+  def run() -> tuple[TrainState, np.ndarray]:
+    state, data_rng = initialize()
+    epoch_rngs = [epoch_rng(data_rng, np.uint32(epoch)) for epoch in range(config.num_epochs + 1)]
+    return state, np.stack(jax.device_get(epoch_rngs))
+
+  return run
 
 
 def state_shapes(
     config: ml_collections.ConfigDict, info: data.DatasetInfo, steps_per_epoch: int
 ) -> TrainState:
-  """`initial_state`'s state as shapes and dtypes alone, to restore a checkpoint into: nothing is
+  """The initial state as shapes and dtypes alone, to restore a checkpoint into: nothing is
   computed or compiled."""
   return jax.eval_shape(functools.partial(_initialize, config, info, steps_per_epoch))[0]
 

@@ -18,6 +18,9 @@ def test_one_epoch_of_the_seed_recipe_end_to_end(tmp_path, mnist_test):
   assert result.stderr == ""  # No TensorFlow or XLA start-up chatter.
   final = json.loads((tmp_path / "final_metrics.json").read_text())
   assert final["test_accuracy"] >= 0.93
+  # Compiling, timed apart from training: the initial state's programs and each split's.
+  assert set(final["compile_times_s"]) == {"init", "train", "test"}
+  assert final["compile_time_s"] == pytest.approx(sum(final["compile_times_s"].values()))
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["batch_size"] == 32 and config["model_args"]["hidden_sizes"] == [128]
 

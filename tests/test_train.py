@@ -68,7 +68,7 @@ def test_evaluate_counts_every_test_example(mnist_test):
 @pytest.mark.parametrize("model", ["seed_mlp", "cnn"])
 def test_compiled_initial_state_and_epoch_keys_have_the_bits_of_op_by_op(model):
   config = load_config(model)
-  state, epoch_rngs = steps.initial_state(config, INFO, 100)
+  state, epoch_rngs = steps.compile_initial_state(config, INFO, 100)()
   init_rng, data_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   expected = steps.create_train_state(config, INFO, init_rng, 100)
   expected_epoch_rngs = [jax.random.fold_in(data_rng, e) for e in range(config.num_epochs + 1)]
