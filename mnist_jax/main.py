@@ -39,7 +39,7 @@ from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from mnist_jax import errors  # pylint: disable=wrong-import-position
 from mnist_jax.report import drawing  # pylint: disable=wrong-import-position
-from mnist_jax.run import parallel, quiet  # pylint: disable=wrong-import-position
+from mnist_jax.run import parallel, quiet, workers  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/seed_mlp.py (or ...py:smoke).",
@@ -274,18 +274,20 @@ def _predict() -> int:
     sys.exit("mnist_jax: --images is required with --mode=predict, e.g. --images=a.png,b.jpg")
   from mnist_jax.studies import digits, predict  # pylint: disable=import-outside-toplevel
 
-  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
-  class_names = predict.dataset_trained_on(model.meta).class_names
-  temperature = predict.validation_temperature(model)[0] if _CALIBRATED.value else 1.0
-  failed = 0
-  for path in _IMAGES.value:
-    try:
-      probs = predict.probabilities(model, [digits.load_image(path)], temperature=temperature)[0]
-    except digits.ImageError as e:
-      print(f"mnist_jax: {path}: {e}", file=sys.stderr, flush=True)
-      failed += 1
-      continue
-    print(f"{path}  {class_names[probs.argmax()]}  {probs.max():.4f}", flush=True)
+  with predict.framing_files(_WORKDIR.value, _IMAGES.value) as framed:
+    model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+    class_names = predict.dataset_trained_on(model.meta).class_names
+    temperature = predict.validation_temperature(model)[0] if _CALIBRATED.value else 1.0
+    failed = 0
+    for i, path in enumerate(_IMAGES.value):
+      try:
+        probs = predict.probabilities(model, [framed(model, i)], preprocess=False,
+                                      temperature=temperature)[0]
+      except digits.ImageError as e:
+        print(f"mnist_jax: {path}: {e}", file=sys.stderr, flush=True)
+        failed += 1
+        continue
+      print(f"{path}  {class_names[probs.argmax()]}  {probs.max():.4f}", flush=True)
   return 1 if failed else 0
 
 
@@ -306,8 +308,9 @@ _MODES = {"train": _train, "sweep": _train, "eval": _eval, "predict": _predict,
 
 
 def main(argv: list[str], whole_process: bool = False) -> None:
-  """The command. With `whole_process` (`python -m mnist_jax.main`, not a test's call), a mode
-  that draws starts the workers of drawing.py, and what is imported so far is left out of the
+  """The command. With `whole_process` (`python -m mnist_jax.main`, not a test's call), work that
+  needs no JAX goes to forked worker processes (run/workers.py: a mode that draws starts those of
+  drawing.py, predict frames its images in some), and what is imported so far is left out of the
   garbage collector's passes."""
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
@@ -336,8 +339,8 @@ def main(argv: list[str], whole_process: bool = False) -> None:
       # the workers forked below, need not walk it again on each full pass.
       gc.freeze()
     draws = _MODE.value in ("train", "sweep", "report", "explore", "attack") or _IMAGES_DIR.present
-    with (drawing.workers() if whole_process and draws and not _MULTIHOST.value
-          else contextlib.nullcontext()):
+    with (workers.allowed() if whole_process and not _MULTIHOST.value
+          else contextlib.nullcontext()), (drawing.workers() if draws else contextlib.nullcontext()):
       status = _MODES[_MODE.value]()
   except errors.UserError as e:
     sys.exit(f"mnist_jax: {e}")

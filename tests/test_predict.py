@@ -177,7 +177,8 @@ def test_photos_stored_turned_predict_as_upright_ones(workdir, mnist_test, tmp_p
   assert accuracy >= 0.85  # About 0.15 when read sideways.
 
 
-def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mnist_test, tmp_path):
+def _good_and_bad_files(mnist_test, tmp_path):
+  """Two digit images, and files that cannot be predicted with the reason each gives."""
   good = [_render(mnist_test.images_NHWC[i, ..., 0], i, tmp_path / f"{i}.png") for i in (0, 1)]
   Image.open(good[1]).convert("RGB").save(tmp_path / "1.jpg")
   good[1] = str(tmp_path / "1.jpg")
@@ -194,6 +195,11 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
       str(tmp_path / "bomb.png"): "above the limit of 25 megapixels",
       str(tmp_path / "huge.png"): "6000x5000 pixels is above the limit of 25 megapixels",
   }
+  return good, bad
+
+
+def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mnist_test, tmp_path):
+  good, bad = _good_and_bad_files(mnist_test, tmp_path)
   paths = [good[0], *bad, good[1]]
   result = main_in_process("--mode=predict", f"--workdir={workdir}", f"--images={','.join(paths)}")
   assert result.returncode == 1
@@ -207,6 +213,40 @@ def test_predict_reports_each_bad_file_and_still_predicts_the_others(workdir, mn
   assert len(errors) == len(bad), result.stderr
   for line, (path, reason) in zip(errors, bad.items()):
     assert line.startswith(f"mnist_jax: {path}: {reason}"), line
+
+
+# A process of its own: a fork of pytest's process, where JAX has started, could deadlock.
+_FRAMING_AHEAD = """
+import json, sys
+from mnist_jax.run import workers
+from mnist_jax.studies import digits, predict
+workdir, paths = sys.argv[1], sys.argv[2:]
+with workers.allowed(), predict.framing_files(workdir, paths) as framed:
+  model = predict.load(workdir)
+  framings = []
+  for i in range(len(paths)):
+    try:
+      framings.append(framed(model, i).tolist())
+    except digits.ImageError as e:
+      framings.append(str(e))
+print(json.dumps({"scipy_here": "scipy.ndimage" in sys.modules, "framings": framings}))
+"""
+
+
+def test_workers_frame_images_as_this_process_does_while_the_model_restores(workdir, mnist_test,
+                                                                             tmp_path):
+  good, bad = _good_and_bad_files(mnist_test, tmp_path)
+  paths = [good[0], *bad, good[1]]
+  result = subprocess.run([sys.executable, "-c", _FRAMING_AHEAD, str(workdir), *paths], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert (result.returncode, result.stderr) == (0, "")
+  output = json.loads(result.stdout)
+  assert not output["scipy_here"]  # Framing imports scipy: it ran in the workers.
+  for path, framing in zip(paths, output["framings"], strict=True):
+    try:
+      assert framing == digits.framed_file(path).tolist()
+    except digits.ImageError as e:
+      assert framing == str(e)
 
 
 @pytest.mark.slow

@@ -13,19 +13,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import gc
-import multiprocessing
 import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import process
 from typing import Any
+
+from mnist_jax.run import workers as run_workers
 
 RIGHT_COLOR, WRONG_COLOR = "black", "tab:red"  # Captions of right and wrong predictions.
 
-_pool: concurrent.futures.ProcessPoolExecutor | None = None
+_pool: concurrent.futures.Executor | None = None
 
 
 class Plot:
@@ -54,7 +51,7 @@ def start(figures: dict[str, Plot], directory: str) -> Callable[[], dict[str, fl
   if _pool is not None:
     try:
       futures = {name: _pool.submit(_draw, plot, paths[name]) for name, plot in figures.items()}
-    except process.BrokenProcessPool:
+    except run_workers.BrokenPool:
       _stop_workers()
 
   def finish() -> dict[str, float]:
@@ -62,7 +59,7 @@ def start(figures: dict[str, Plot], directory: str) -> Callable[[], dict[str, fl
     for name, plot in figures.items():
       try:
         seconds[name] = futures[name].result() if name in futures else _draw(plot, paths[name])
-      except process.BrokenProcessPool:  # A worker died (a signal, memory): draw here instead.
+      except run_workers.BrokenPool:
         _stop_workers()
         seconds[name] = _draw(plot, paths[name])
     return seconds
@@ -77,28 +74,18 @@ def write_pngs(figures: dict[str, Plot], directory: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def workers(count: int = 2) -> Iterator[None]:
-  """Within, figures are drawn by `count` worker processes (none on one core or off Linux).
-
-  Start it before JAX starts its backends: the workers are forked, and a fork of a process whose
-  JAX runs threads can deadlock. Ctrl-C reaches only this process; a worker ends with it.
-  """
+  """Within, figures are drawn by `count` worker processes (`workers.forked`: none on one core or
+  off Linux). Start it before JAX starts its backends."""
   global _pool  # pylint: disable=global-statement
-  # One core leaves none to draw beside; macOS's system libraries are not safe to fork.
-  if (os.cpu_count() or 1) < 2 or sys.platform != "linux" or _pool is not None:
+  if _pool is not None:
     yield
     return
-  handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Inherited by the workers, kept there.
-  try:
-    _pool = concurrent.futures.ProcessPoolExecutor(
-        min(count, os.cpu_count()), mp_context=multiprocessing.get_context("fork"),
-        initializer=_start_worker, initargs=(os.getpid(),))
-    _pool.submit(int)  # With "fork", the first task starts every worker.
-  finally:
-    signal.signal(signal.SIGINT, handler)
-  try:
-    yield
-  finally:
-    _stop_workers()
+  with run_workers.forked(count, _warm_up) as pool:
+    _pool = pool
+    try:
+      yield
+    finally:
+      _pool = None
 
 
 def _stop_workers() -> None:
@@ -108,19 +95,12 @@ def _stop_workers() -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _start_worker(parent: int) -> None:
-  """In a worker: end with the parent, however it ends; take only the cores its training leaves
-  idle (the lowest priority); import matplotlib and draw a first figure (fonts, Agg), so that the
-  report's figures find them loaded. More to draw first would still be drawing when the report
-  starts: training leaves these workers little time."""
+def _warm_up() -> None:
+  """In a worker: take only the cores its training leaves idle (the lowest priority); import
+  matplotlib and draw a first figure (fonts, Agg), so that the report's figures find them loaded.
+  More to draw first would still be drawing when the report starts: training leaves these workers
+  little time."""
   os.nice(19)
-
-  def exit_with_parent():
-    while os.getppid() == parent:
-      time.sleep(0.5)
-    os._exit(0)  # pylint: disable=protected-access
-
-  threading.Thread(target=exit_with_parent, daemon=True).start()
   from mnist_jax.report import plots  # pylint: disable=import-outside-toplevel
 
   plots.learning_curves({"epoch": [1], "train_loss": [1.0], "train_accuracy": [0.5]},

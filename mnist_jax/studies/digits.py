@@ -91,6 +91,11 @@ def load_image(path: str) -> np.ndarray:
     raise ImageError(f"cannot be read as an image ({e})") from None
 
 
+def framed_file(path: str, dataset: str = "mnist") -> np.ndarray:
+  """The image file at `path` as `dataset` draws its images: `mnist_like(load_image(path))`."""
+  return mnist_like(load_image(path), dataset)
+
+
 def _gray(image: Image.Image, factor: int) -> Image.Image:
   """One channel, 0..255, sides divided by `factor`: "L" from 8-bit images, "F" from 16-bit and
   float ones (as scanners write). Transparency is flattened onto white, or onto black where what

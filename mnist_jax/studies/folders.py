@@ -103,7 +103,7 @@ def load_folder(directory: str, info: data.DatasetInfo
         skip(path, f"{why}; skipped")
         continue
       try:
-        images.append(digits.mnist_like(digits.load_image(path), info.name))
+        images.append(digits.framed_file(path, info.name))
       except digits.ImageError as e:
         skip(path, f"{e}; skipped")
         continue

@@ -9,15 +9,16 @@ Each image is framed as the model's dataset frames its own first (digits.py). A 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import configs, data, metrics, steps
-from mnist_jax.run import checkpoints, parallel
+from mnist_jax.run import checkpoints, parallel, rundir, workers
 from mnist_jax.studies import calibration, digits
 
 
@@ -127,6 +128,36 @@ def probabilities(
       model.state, images_NHW[..., None].astype(np.float32), mean=model.config.pixel_mean,
       std=model.config.pixel_std, num_seeds=model.config.num_seeds)
   return calibration.softmax_with_temperature(np.asarray(log_probs_NC), temperature)
+
+
+@contextlib.contextmanager
+def framing_files(workdir: str, paths: Sequence[str]
+                  ) -> Iterator[Callable[[checkpoints.Restored, int], np.ndarray]]:
+  """Within, worker processes frame the image files at `paths` while the caller restores the
+  model of `workdir` (framing imports scipy and runs on numpy: neither needs the model), as the
+  dataset named in its `config.json` frames its images. `framed(model, i)` returns the i-th as
+  `model` takes it, for `probabilities(..., preprocess=False)`; it frames here where no worker did
+  (one core, a worker that died, a checkpoint of another dataset).
+
+  Raises (from `framed`):
+    digits.ImageError: as `probabilities` raises it.
+  """
+  try:
+    dataset = rundir.read_config(workdir)["dataset"]
+  except rundir.RunFileError:  # `load` says what is wrong.
+    dataset = None
+  with workers.forked(len(paths) if dataset in digits.FRAMINGS else 0) as pool:
+    futures = [pool.submit(digits.framed_file, path, dataset) for path in paths] if pool else []
+
+    def framed(model: checkpoints.Restored, i: int) -> np.ndarray:
+      info = dataset_trained_on(model.meta)
+      digits.check_takes_28x28_grayscale(info, "predicting")
+      if futures and info.name == dataset:
+        with contextlib.suppress(workers.BrokenPool):
+          return futures[i].result()
+      return digits.framed_file(paths[i], info.name)
+
+    yield framed
 
 
 # ---------------------------------------------------------------------------------------------
