@@ -214,12 +214,14 @@ def _eval() -> None:
   from mnist_jax import pipelines  # pylint: disable=import-outside-toplevel
   from mnist_jax.studies import predict  # pylint: disable=import-outside-toplevel
 
-  model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
-  # Fitted first: a run without a validation split is refused before any other work.
-  temperature = predict.validation_temperature(model) if _CALIBRATED.value else None
-  if _IMAGES_DIR.value:
-    _eval_folder(model, temperature)
-    return
+  # A labelled folder's images are framed by workers, forked before JAX starts (run/workers.py).
+  with workers.forked((os.cpu_count() or 1) if _IMAGES_DIR.value else 0) as pool:
+    model = predict.load(_WORKDIR.value, _CHECKPOINT.value)
+    # Fitted first: a run without a validation split is refused before any other work.
+    temperature = predict.validation_temperature(model) if _CALIBRATED.value else None
+    if _IMAGES_DIR.value:
+      _eval_folder(model, temperature, pool)
+      return
   metrics = pipelines.evaluate_test_split(model.config, model.state)
   show = lambda values: repr(values.item()) if values.ndim == 0 else str(values.tolist())  # Seeds.
   print(f"checkpoint {model.step} (epoch {model.meta['epoch']})  test_loss {show(metrics['loss'])}  "
@@ -231,11 +233,11 @@ def _eval() -> None:
           f"{scaled_nll:.4f}  test_ece {ece:.4f} -> {scaled_ece:.4f}")
 
 
-def _eval_folder(model: Any, temperature: tuple[float, str] | None) -> None:
+def _eval_folder(model: Any, temperature: tuple[float, str] | None, pool: Any) -> None:
   from mnist_jax.report import studies  # pylint: disable=import-outside-toplevel  # matplotlib.
   from mnist_jax.studies import folders  # pylint: disable=import-outside-toplevel
 
-  evaluation = folders.evaluate_folder(model, _IMAGES_DIR.value, temperature)
+  evaluation = folders.evaluate_folder(model, _IMAGES_DIR.value, temperature, pool)
   report = studies.write_folder_report(_WORKDIR.value, model, evaluation)
   result = evaluation.results
   seeds = result["accuracy_per_seed"]

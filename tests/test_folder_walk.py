@@ -6,12 +6,14 @@ import pathlib
 import select
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import warnings
 
 from PIL import Image, ImageDraw
 
-from conftest import main_in_process
+from conftest import REPO, main_in_process
 from mnist_jax import data
 from mnist_jax.studies import folders
 
@@ -144,3 +146,38 @@ def test_an_empty_images_dir_is_refused_before_anything_runs(tmp_path):
   assert (result.returncode, result.stdout) == (1, "")
   assert result.stderr == ("mnist_jax: --images_dir is empty; give a folder with a subfolder of "
                            "images per class, or leave the flag out to evaluate the test split\n")
+
+
+# A process of its own: a fork of pytest's process, where JAX has started, could deadlock.
+_IN_WORKERS = """
+import json, sys
+from mnist_jax import data
+from mnist_jax.run import workers
+from mnist_jax.studies import folders
+mnist = data.DatasetInfo("mnist", (28, 28, 1), 10, tuple("0123456789"))
+with workers.allowed(), workers.forked(2) as pool:
+  images, labels, paths, skipped = folders.load_folder(sys.argv[1], mnist, pool)
+print(json.dumps({"scipy_here": "scipy.ndimage" in sys.modules, "images": images.tolist(),
+                  "labels": labels.tolist(), "paths": paths, "skipped": skipped}))
+"""
+
+
+def test_workers_frame_a_folder_as_this_process_does_in_the_same_order(tmp_path, capfd):
+  root = tmp_path / "digits"
+  for i in range(6):
+    _digit(root / str(i % 3) / f"{i}.png")
+  Image.new("L", (56, 56), 255).save(root / "1" / "blank.png")  # No digit: skipped.
+  (root / "2" / "notes.png").write_text("not an image")
+  (root / "2" / "gone.png").symlink_to("missing.png")
+  (root / "4").mkdir()
+  (root / "stray.txt").write_text("beside the class folders")
+  result = subprocess.run([sys.executable, "-c", _IN_WORKERS, str(root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  there = json.loads(result.stdout)
+  assert not there["scipy_here"]  # Framing imports scipy: it ran in the workers.
+  images, labels, paths, skipped = folders.load_folder(str(root), MNIST)
+  assert len(skipped) == 5 and len(paths) == 6
+  assert (there["images"], there["labels"], there["paths"], there["skipped"]) == (
+      images.tolist(), labels.tolist(), paths, skipped)
+  assert result.stderr == capfd.readouterr().err  # The same warnings, in the same order.

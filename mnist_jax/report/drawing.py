@@ -47,22 +47,12 @@ def start(figures: dict[str, Plot], directory: str) -> Callable[[], dict[str, fl
   took. Without workers, that function draws them."""
   os.makedirs(directory, exist_ok=True)
   paths = {name: os.path.join(directory, f"{name}.png") for name in figures}
-  futures = {}
-  if _pool is not None:
-    try:
-      futures = {name: _pool.submit(_draw, plot, paths[name]) for name, plot in figures.items()}
-    except run_workers.BrokenPool:
-      _stop_workers()
+  futures = {name: run_workers.submit(_pool, _draw, plot, paths[name])
+             for name, plot in figures.items()}
 
   def finish() -> dict[str, float]:
-    seconds = {}
-    for name, plot in figures.items():
-      try:
-        seconds[name] = futures[name].result() if name in futures else _draw(plot, paths[name])
-      except run_workers.BrokenPool:
-        _stop_workers()
-        seconds[name] = _draw(plot, paths[name])
-    return seconds
+    return {name: run_workers.result(futures[name], _draw, plot, paths[name])
+            for name, plot in figures.items()}
 
   return finish
 
@@ -74,8 +64,8 @@ def write_pngs(figures: dict[str, Plot], directory: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def workers(count: int = 2) -> Iterator[None]:
-  """Within, figures are drawn by `count` worker processes (`workers.forked`: none on one core or
-  off Linux). Start it before JAX starts its backends."""
+  """Within, figures are drawn by `count` worker processes (`workers.forked`: none outside
+  `workers.allowed()`, on one core or off Linux). Start it before JAX starts its backends."""
   global _pool  # pylint: disable=global-statement
   if _pool is not None:
     yield
@@ -86,13 +76,6 @@ def workers(count: int = 2) -> Iterator[None]:
       yield
     finally:
       _pool = None
-
-
-def _stop_workers() -> None:
-  global _pool  # pylint: disable=global-statement
-  if _pool is not None:
-    pool, _pool = _pool, None
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _warm_up() -> None:

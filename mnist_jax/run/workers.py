@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import process
 from typing import Any
 
-BrokenPool = process.BrokenProcessPool  # A worker died (a signal, memory): do its work here.
+_BrokenPool = process.BrokenProcessPool  # A worker died (a signal, memory).
 
 _allowed = False
 
@@ -65,6 +65,27 @@ def forked(count: int, start: Callable[[], Any] | None = None
     raise
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+def submit(pool: concurrent.futures.Executor | None, function: Callable[..., Any], *args: Any
+           ) -> concurrent.futures.Future | None:
+  """`pool.submit(function, *args)`; None without a pool, or where a worker died."""
+  if pool is None:
+    return None
+  try:
+    return pool.submit(function, *args)
+  except _BrokenPool:
+    return None
+
+
+def result(future: concurrent.futures.Future | None, function: Callable[..., Any], *args: Any
+           ) -> Any:
+  """`future`'s result (an exception of the work is raised here); where there is no future or its
+  worker died, `function(*args)` run here instead."""
+  if future is not None:
+    with contextlib.suppress(_BrokenPool):
+      return future.result()
+  return function(*args)
 
 
 def _start_worker(parent: int, start: Callable[[], Any] | None) -> None:

@@ -12,6 +12,7 @@ dataset names it ("0" .. "9" for MNIST), by its index, or by its name with "/" w
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import stat
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mnist_jax import data, errors
-from mnist_jax.run import checkpoints
+from mnist_jax.run import checkpoints, workers
 from mnist_jax.studies import calibration, digits, predict
 
 
@@ -54,7 +55,8 @@ def _class_of(folder: str, class_names: tuple[str, ...]) -> int | None:
   return None
 
 
-def load_folder(directory: str, info: data.DatasetInfo
+def load_folder(directory: str, info: data.DatasetInfo,
+                pool: concurrent.futures.Executor | None = None
                 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
   """The images `[N, 28, 28]` of a labelled folder, framed as `info`'s dataset frames its own
   (`digits.mnist_like`), their labels and paths, and what was skipped.
@@ -64,6 +66,7 @@ def load_folder(directory: str, info: data.DatasetInfo
   link back to a folder that holds it, and a file beside the class folders are each a warning
   line and an entry of the skipped list (`<path>: <why>`). Links to folders and files are
   followed, as torchvision's `ImageFolder` follows them; hidden files and folders are left out.
+  With `pool` (`workers.forked`), its workers frame the images side by side.
   """
   if not os.path.isdir(directory):
     raise StudyError(f"{directory} is not a directory; --images_dir takes a folder with one "
@@ -78,37 +81,38 @@ def load_folder(directory: str, info: data.DatasetInfo
   if not any(index is not None for index in classes.values()):
     raise StudyError(f"{directory} has no subfolder named by a class of this model; expected "
                      f"subfolders such as {', '.join(repr(n) for n in class_names[:3])}, ...")
-  images, labels, paths, skipped = [], [], [], []
-
-  def skip(path: str, why: str) -> None:
-    print(f"mnist_jax: {path}: {why}", file=sys.stderr, flush=True)
-    skipped.append(f"{os.path.relpath(path, directory)}: {why}")
-
+  entries = []  # (path, class index, why it is skipped), in the order they are reported.
   for name in names:
     folder = os.path.join(directory, name)
     if name not in classes:
       what = _not_a_file(folder)
-      skip(folder, f"{what}; skipped" if what else
-           "not in a class folder; skipped (images go in a subfolder named by their class)")
+      entries.append((folder, None, f"{what}; skipped" if what else
+                      "not in a class folder; skipped (images go in a subfolder named by their "
+                      "class)"))
       continue
     index = classes[name]
     if index is None:
-      skip(folder, f"not a class of this model (classes: {', '.join(class_names)}); skipped")
+      entries.append((folder, None, f"not a class of this model (classes: "
+                                    f"{', '.join(class_names)}); skipped"))
       continue
-    entries = _files_below(folder, directory)
-    if not entries:
-      skip(folder, "empty")
-    for path, why in entries:
-      if why:
-        skip(path, f"{why}; skipped")
-        continue
+    files = _files_below(folder, directory)
+    if not files:
+      entries.append((folder, None, "empty"))
+    entries += [(path, index, why and f"{why}; skipped") for path, why in files]
+  futures = [None if why else workers.submit(pool, digits.framed_file, path, info.name)
+             for path, _, why in entries]
+  images, labels, paths, skipped = [], [], [], []
+  for (path, index, why), future in zip(entries, futures):
+    if why is None:
       try:
-        images.append(digits.framed_file(path, info.name))
-      except digits.ImageError as e:
-        skip(path, f"{e}; skipped")
+        images.append(workers.result(future, digits.framed_file, path, info.name))
+        labels.append(index)
+        paths.append(path)
         continue
-      labels.append(index)
-      paths.append(path)
+      except digits.ImageError as e:
+        why = f"{e}; skipped"
+    print(f"mnist_jax: {path}: {why}", file=sys.stderr, flush=True)
+    skipped.append(f"{os.path.relpath(path, directory)}: {why}")
   if not images:
     raise StudyError(f"{directory} holds no image that can be read")
   return np.stack(images), np.array(labels, np.int32), paths, skipped
@@ -166,15 +170,17 @@ def _reason(error: OSError) -> str:
 
 
 def evaluate_folder(model: checkpoints.Restored, directory: str,
-                    temperature: tuple[float, str] | None = None) -> FolderEvaluation:
+                    temperature: tuple[float, str] | None = None,
+                    pool: concurrent.futures.Executor | None = None) -> FolderEvaluation:
   """Scores the model on the labelled folder `directory`.
 
   `temperature`: `predict.validation_temperature(model)`, to score calibrated probabilities.
+  `pool`: workers that frame the images (`load_folder`).
   """
   info = predict.dataset_trained_on(model.meta)
   digits.check_takes_28x28_grayscale(info, "folder evaluation")
   start = time.perf_counter()
-  images_NHW, labels_N, paths, skipped = load_folder(directory, info)
+  images_NHW, labels_N, paths, skipped = load_folder(directory, info, pool)
   loaded = time.perf_counter()
   log_probs_NC, logits_SNC = predict.log_probabilities_and_logits(model, images_NHW[..., None])
   predicted = time.perf_counter()

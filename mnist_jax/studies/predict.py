@@ -147,15 +147,13 @@ def framing_files(workdir: str, paths: Sequence[str]
   except rundir.RunFileError:  # `load` says what is wrong.
     dataset = None
   with workers.forked(len(paths) if dataset in digits.FRAMINGS else 0) as pool:
-    futures = [pool.submit(digits.framed_file, path, dataset) for path in paths] if pool else []
+    futures = [workers.submit(pool, digits.framed_file, path, dataset) for path in paths]
 
     def framed(model: checkpoints.Restored, i: int) -> np.ndarray:
       info = dataset_trained_on(model.meta)
       digits.check_takes_28x28_grayscale(info, "predicting")
-      if futures and info.name == dataset:
-        with contextlib.suppress(workers.BrokenPool):
-          return futures[i].result()
-      return digits.framed_file(paths[i], info.name)
+      return workers.result(futures[i] if info.name == dataset else None, digits.framed_file,
+                            paths[i], info.name)
 
     yield framed
 

@@ -159,15 +159,16 @@ def write_conditions(out: str, images_NHW: np.ndarray, labels_N: np.ndarray) -> 
   return folders
 
 
-def score(model, folder: str) -> dict[str, float | int]:
-  """A labelled folder scored as `--mode=eval --images_dir` scores it; refusals count as wrong."""
+def score(model, folder: str, pool=None) -> dict[str, float | int]:
+  """A labelled folder scored as `--mode=eval --images_dir` scores it (`pool`: workers that frame
+  its images); refusals count as wrong."""
   from mnist_jax.studies import folders, predict  # pylint: disable=import-outside-toplevel
 
   total = sum(len(files) for _, _, files in os.walk(folder))
   with contextlib.redirect_stderr(io.StringIO()):  # One warning line per refused image.
     try:
-      images_NHW, labels_N, _, skipped = folders.load_folder(folder,
-                                                             predict.dataset_trained_on(model.meta))
+      images_NHW, labels_N, _, skipped = folders.load_folder(
+          folder, predict.dataset_trained_on(model.meta), pool)
     except folders.StudyError:
       return {"images": total, "accuracy": 0.0, "refused": total, "other_skipped": 0}
   log_probs_NC, _ = predict.log_probabilities_and_logits(model, images_NHW[..., None])
@@ -200,25 +201,27 @@ def main(argv: list[str]) -> None:
 
 def _main() -> None:
   from mnist_jax import data  # pylint: disable=import-outside-toplevel
-  from mnist_jax.run import rundir  # pylint: disable=import-outside-toplevel
+  from mnist_jax.run import rundir, workers  # pylint: disable=import-outside-toplevel
   from mnist_jax.studies import predict  # pylint: disable=import-outside-toplevel
 
   values = flags.FLAGS
   if not values.workdir:
     sys.exit("mnist_jax: --workdir is required: a trained run's directory")
-  model = predict.load(values.workdir, values.checkpoint)
-  if model.config.dataset != "mnist":
-    sys.exit(f"mnist_jax: the renderings are of MNIST digits; this run is of "
-             f"{model.config.dataset}")
-  test = data.load_split("mnist", "test", model.config.data_dir)
-  count = min(values.examples, len(test))
-  out = values.out or os.path.join(values.workdir, "photos")
-  folders = write_conditions(out, test.images_NHWC[:count, ..., 0], test.labels_N[:count])
-  results = {}
-  for condition, folder in folders.items():
-    results[condition] = score(model, folder)
-    print(f"{condition:15s} accuracy {results[condition]['accuracy']:.4f}  "
-          f"refused {results[condition]['refused']}", flush=True)
+  # Workers that frame the renderings, forked before JAX starts (run/workers.py).
+  with workers.forked(os.cpu_count() or 1) as pool:
+    model = predict.load(values.workdir, values.checkpoint)
+    if model.config.dataset != "mnist":
+      sys.exit(f"mnist_jax: the renderings are of MNIST digits; this run is of "
+               f"{model.config.dataset}")
+    test = data.load_split("mnist", "test", model.config.data_dir)
+    count = min(values.examples, len(test))
+    out = values.out or os.path.join(values.workdir, "photos")
+    folders = write_conditions(out, test.images_NHWC[:count, ..., 0], test.labels_N[:count])
+    results = {}
+    for condition, folder in folders.items():
+      results[condition] = score(model, folder, pool)
+      print(f"{condition:15s} accuracy {results[condition]['accuracy']:.4f}  "
+            f"refused {results[condition]['refused']}", flush=True)
   rundir.write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2) + "\n")
   rundir.write_text(os.path.join(out, "results.md"), table(results))
   print(table(results), end="")
@@ -235,5 +238,8 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
+  from mnist_jax.run import workers  # pylint: disable=ungrouped-imports
+
   _define_flags()
-  app.run(main)
+  with workers.allowed():  # A process of its own, whose JAX has not started.
+    app.run(main)
