@@ -312,8 +312,8 @@ _MODES = {"train": _train, "sweep": _train, "eval": _eval, "predict": _predict,
 def main(argv: list[str], whole_process: bool = False) -> None:
   """The command. With `whole_process` (`python -m mnist_jax.main`, not a test's call), work that
   needs no JAX goes to forked worker processes (run/workers.py: a mode that draws starts those of
-  drawing.py, predict frames its images in some), and what is imported so far is left out of the
-  garbage collector's passes."""
+  drawing.py; predict and folder evaluation frame their images in some), and what is imported so
+  far is left out of the garbage collector's passes."""
   del argv  # _parse_flags refused any.
   logging.set_verbosity(logging.ERROR)
   parallel.set_xla_flags()

@@ -1,6 +1,6 @@
 """Worker processes for a command's work that needs no JAX, on the cores JAX leaves idle: drawing a
-report's figures (report/drawing.py) while the command computes, framing image files while a model
-restores (studies/predict.py).
+report's figures (report/drawing.py) while the command computes, framing image files (predict
+while its model restores, folder evaluation side by side).
 
 They are forked, and a fork of a process whose JAX runs its threads can deadlock: so only within
 `allowed()`, which a command enters in a process of its own before JAX starts (main.py), and
@@ -43,8 +43,8 @@ def forked(count: int, start: Callable[[], Any] | None = None
            ) -> Iterator[concurrent.futures.Executor | None]:
   """Within, `count` forked worker processes (as many as the cores, at most), each running `start`
   first; None outside `allowed()`, where there is one core or no work (`count` 0), or where the
-  system's libraries are not safe to fork (macOS): the caller does the work itself. The block's end waits for the work started,
-  unless it ends by an exception."""
+  system's libraries are not safe to fork (macOS): the caller does the work itself. The block's
+  end waits for the work started, unless it ends by an exception."""
   cores = os.cpu_count() or 1
   if not _allowed or count < 1 or cores < 2 or sys.platform != "linux":
     yield None
@@ -89,6 +89,7 @@ def result(future: concurrent.futures.Future | None, function: Callable[..., Any
 
 
 def _start_worker(parent: int, start: Callable[[], Any] | None) -> None:
+  """In a worker: end with the parent, however it ends; then `start`."""
 
   def exit_with_parent():
     while os.getppid() == parent:
