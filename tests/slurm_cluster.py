@@ -212,6 +212,21 @@ class SlurmCluster:
       raise RuntimeError(f"sbatch {' '.join(args)} failed: {result.stderr}")
     return result.stdout.strip().split(";")[0]
 
+  def start_now(self, job_id: str) -> None:
+    """Lets a pending job start as soon as the node can run it (`StartTime=now`).
+
+    For a job that `scontrol requeue` sent back (SLURM holds those for two minutes), call it once
+    the job is PENDING again: slurmd refuses a launch whose credential dates from the second in
+    which the job's previous credential was revoked (it keeps whole seconds), and the job then
+    fails without a line of output. So the update waits for the next second first.
+    """
+    second = int(time.time())
+    while int(time.time()) <= second:
+      time.sleep(0.05)
+    result = self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    if result.returncode != 0:
+      raise RuntimeError(f"scontrol update JobId={job_id} StartTime=now failed: {result.stderr}")
+
   def job_states(self, job_id: str) -> dict[str, str]:
     """Job (or array task) id -> state, of the jobs still known to the controller."""
     result = self.run("scontrol", "show", "job", "--oneliner", job_id)

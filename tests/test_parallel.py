@@ -263,3 +263,49 @@ def test_a_compilation_cache_that_cannot_be_written_is_one_warning(tmp_path, cap
   assert capsys.readouterr().err == (
       f"mnist_jax: warning: the compilation cache {tmp_path / 'file' / 'cache'} cannot be written; "
       "programs compile in every run (give --jax_cache_dir a writable folder, or '' for none)\n")
+
+
+def _filtered(chunks):
+  gloo = parallel.GlooFilter()
+  return b"".join(gloo.feed(chunk) for chunk in chunks) + gloo.end()
+
+
+def _gloo_pieces(rank, peers):
+  """One gloo line, in the writes its `std::cout <<` makes."""
+  return [b"[Gloo] Rank ", b"%d" % rank, b" is connected to ", b"%d" % peers, b" peer ranks. ",
+          b"Expected number of connected peer ranks is : ", b"%d" % peers, b"\n"]
+
+
+OURS = [b"joining all processes at the coordinator the cluster names (up to 300 s)\n"]
+AFTER = [b"epoch 1/1  train_loss 0.8230  train_acc 0.8005  test_acc 0.9027  1.49s", b"\n",
+         b"\n", b"12\n", b"Expected to see: nothing of gloo's\n"]
+
+
+@pytest.mark.parametrize("gloo_writes", [
+    # Streams that srun passed on from two processes with two devices each.
+    [b"[Gloo] Rank 3 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3",
+     b"[Gloo] Rank 2 is connected to 3 peer ranks. Expected number of connected peer ranks is : ",
+     b"3\n", b"\n"],
+    [b"[Gloo] Rank ", b"3", b" is connected to ", b"3 peer ranks. Expected number of connected "
+     b"peer ranks is : 3\n[Gloo] Rank 2 is connected to 3 peer ranks. Expected number of "
+     b"connected peer ranks is : 3\n"],
+    [b"[Gloo] Rank 2", b" is connected to 3 peer ranks. Expected number of connected peer ranks "
+     b"is : 3\n", *_gloo_pieces(3, 3)],
+])
+def test_gloo_lines_written_at_once_by_several_threads_are_all_dropped(gloo_writes):
+  assert _filtered([*OURS, *gloo_writes, *AFTER]) == b"".join(OURS + AFTER)
+
+
+def test_gloo_lines_are_dropped_however_their_pieces_mix_and_the_stream_is_cut():
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    threads = [_gloo_pieces(rank, 3) for rank in range(rng.integers(1, 5))]
+    writes = []
+    while threads:  # Each thread's pieces in order, the threads' in any order.
+      thread = threads[rng.integers(len(threads))]
+      writes.append(thread.pop(0))
+      threads = [thread for thread in threads if thread]
+    stream = b"".join(OURS + writes + AFTER)
+    cuts = sorted(rng.choice(len(stream), size=rng.integers(0, 30), replace=False))
+    chunks = [stream[start:end] for start, end in zip([0, *cuts], [*cuts, len(stream)])]
+    assert _filtered(chunks) == b"".join(OURS + AFTER), writes

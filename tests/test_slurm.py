@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -117,6 +118,34 @@ def test_an_array_sweep_trains_each_run_once_and_sums_up_as_one_process(slurm, t
     assert sweep.unfinished(str(tmp_path / "array" / run.name), run.config) is None
 
 
+def test_a_requeued_job_started_at_once_runs_again(slurm, tmp_path):
+  output = tmp_path / "job.out"
+  job = slurm.sbatch("--requeue", "--open-mode=append", f"--output={output}", "--wrap",
+                     "echo started; exec sleep 300")
+
+  def wait_until_started(times):
+    slurm.wait_for(lambda: _job_output(output).count("started") == times or slurm.job_states(
+        job).get(job) not in ("PENDING", "CONFIGURING", "RUNNING"), 60, f"job {job} to start")
+    assert _job_output(output).count("started") == times, (slurm.job_states(job),
+                                                           _job_output(output))
+
+  try:
+    for times in (1, 2):
+      wait_until_started(times)
+      # Past the two seconds slurmctld leaves between scheduling passes, so that `start_now`
+      # starts the job at once, and early in a second, so that the job is pending again within
+      # the second it was requeued in: where `start_now` did not wait for the next, it failed.
+      time.sleep(2)
+      while time.time() % 1 > 0.1:
+        time.sleep(0.01)
+      assert slurm.run("scontrol", "requeue", job).returncode == 0
+      slurm.wait_for(lambda: slurm.job_states(job).get(job) == "PENDING", 60, f"job {job} requeued")
+      slurm.start_now(job)
+    wait_until_started(3)
+  finally:
+    slurm.run("scancel", job)
+
+
 @pytest.mark.parametrize("tasks", [1, 2])
 def test_a_run_requeued_in_the_middle_resumes_to_the_same_bits(slurm, tmp_path, tasks):
   num_epochs = 4
@@ -138,13 +167,14 @@ def test_a_run_requeued_in_the_middle_resumes_to_the_same_bits(slurm, tmp_path, 
                  f"the first epoch of job {job}: {_job_output(output)}")
   result = slurm.run("scontrol", "requeue", job)
   assert result.returncode == 0, result.stderr
-  # SLURM holds a requeued job back for two minutes; start it as soon as it can run.
   slurm.wait_for(lambda: slurm.job_states(job).get(job) == "PENDING", 120,
                  f"job {job} to be requeued: {_job_output(output)}")
-  assert slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+  slurm.start_now(job)
   for name, job_id in (("uninterrupted", reference), ("requeued", job)):
     states = slurm.wait(job_id, timeout_s=400)
-    assert states == {job_id: "COMPLETED"}, f"{states}\n{_job_output(tmp_path / f'{name}.out')}"
+    assert states == {job_id: "COMPLETED"}, (
+        f"{states}\n{_job_output(tmp_path / f'{name}.out')}\n"
+        f"{slurm.run('scontrol', 'show', 'job', job_id).stdout}\n{slurm.logs()}")
   log = _job_output(output)
   stops = [int(line.split(" after epoch ")[1].split(";")[0]) for line in log.splitlines()
            if line.startswith("mnist_jax: stopped by SIGTERM after epoch ")]

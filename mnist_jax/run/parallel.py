@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -81,16 +82,66 @@ def initialize_distributed(
     joined.set()
 
 
-_GLOO_LINE = b"[Gloo] "
+# gloo's "[Gloo] Rank <i> is connected to <n> peer ranks. Expected number of connected peer ranks
+# is : <n>" line, in the pieces its `std::cout <<` writes: these words, and numbers.
+_GLOO_BEGIN = b"[Gloo] Rank "
+_GLOO_WORDS = (_GLOO_BEGIN, b" is connected to ", b" peer ranks. ",
+               b"Expected number of connected peer ranks is : ")
+_DIGITS = b"0123456789"
+_GLOO_PIECES = b"(?:" + b"|".join(map(re.escape, _GLOO_WORDS)) + rb"|\d)*"
+_GLOO_LINE = re.compile(_GLOO_PIECES)
+_GLOO_PARTIAL = re.compile(_GLOO_PIECES + b"(?:" + b"|".join(
+    re.escape(words[:end]) for words in _GLOO_WORDS for end in range(1, len(words))) + b")?")
+
+
+class GlooFilter:
+  """Takes gloo's lines out of a byte stream, chunk by chunk: `feed(chunk)` and `end()` return
+  what is left to pass on.
+
+  gloo writes its line piece by piece, and the threads connecting a process's devices write at
+  once: one line of the stream can hold pieces of several of gloo's lines, and their newlines
+  can come later, on lines of their own. So a line made of gloo's pieces alone is gloo's, and
+  so is an empty or digits-only line while some of gloo's lines still lack their newline. A
+  partial line that could be gloo's waits for its end; any other passes on at once.
+  """
+
+  def __init__(self):
+    self._pending = b""
+    self._open = 0  # gloo's lines begun whose newline has not come yet
+
+  def _is_gloo(self, line: bytes) -> bool:
+    if not _GLOO_LINE.fullmatch(line):
+      return False
+    if line.strip(_DIGITS):  # Some of gloo's words: its line, and maybe the start of others.
+      self._open = max(0, self._open + line.count(_GLOO_BEGIN) - 1)
+      return True
+    if self._open:  # The newline, maybe after a number, of a line begun earlier.
+      self._open -= 1
+      return True
+    return False
+
+  def _may_be_gloo(self, partial: bytes) -> bool:
+    return bool(_GLOO_PARTIAL.fullmatch(partial)) and bool(self._open or partial.strip(_DIGITS))
+
+  def feed(self, chunk: bytes) -> bytes:
+    *lines, self._pending = (self._pending + chunk).split(b"\n")
+    kept = b"".join(line + b"\n" for line in lines if not self._is_gloo(line))
+    if self._pending and not self._may_be_gloo(self._pending):
+      kept, self._pending = kept + self._pending, b""
+    return kept
+
+  def end(self) -> bytes:
+    rest, self._pending = self._pending, b""
+    return b"" if self._may_be_gloo(rest) else rest
 
 
 def _drop_gloo_lines() -> None:
   """Keeps gloo's "[Gloo] Rank <i> is connected to <n> peer ranks" lines off the terminal.
 
-  Its C++ writes one straight to the stdout file descriptor for each group of devices it
+  Its C++ writes them straight to the stdout file descriptor for each group of devices it
   connects, at the first collective of that group, and no setting turns them off. So file
-  descriptor 1 becomes a pipe, and a thread passes on every other byte as it comes; at exit the
-  real stdout is put back and the thread passes on what is left. stderr is not touched.
+  descriptor 1 becomes a pipe, and a thread passes on what `GlooFilter` leaves as it comes; at exit
+  the real stdout is put back and the thread passes on what is left. stderr is not touched.
   """
   read_fd, write_fd = os.pipe()
   stdout_fd = os.dup(1)
@@ -99,16 +150,12 @@ def _drop_gloo_lines() -> None:
   os.close(write_fd)
 
   def forward() -> None:
-    pending = b""
+    gloo = GlooFilter()
     while chunk := os.read(read_fd, 65536):
-      *lines, pending = (pending + chunk).split(b"\n")
-      kept = b"".join(line + b"\n" for line in lines if not line.startswith(_GLOO_LINE))
-      if pending and not _GLOO_LINE.startswith(pending[:len(_GLOO_LINE)]):
-        kept, pending = kept + pending, b""  # Not gloo's: a partial line goes on at once.
-      if kept:
+      if kept := gloo.feed(chunk):
         os.write(stdout_fd, kept)
-    if pending and not pending.startswith(_GLOO_LINE):
-      os.write(stdout_fd, pending)
+    if rest := gloo.end():
+      os.write(stdout_fd, rest)
     os.close(read_fd)
 
   thread = threading.Thread(target=forward, name="mnist_jax stdout", daemon=True)
