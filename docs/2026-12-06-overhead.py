@@ -7,7 +7,8 @@ compilation cache of its own (filled by the first round). Prints, per tree, medi
 the seed command's wall time and overhead (wall minus `train_time_s` and `compile_time_s`), of
 `--mode=predict` on one image, then the phases of the seed command (3 runs each); then the median
 difference, round by round, of the wall, training and overhead times, and whether the two trees'
-`predictions.npz` are identical. With `--phases WORKDIR OUT`, this file is the timed
+`predictions.npz` are identical; last, how long importing predict's libraries alone takes in the
+same rounds (`LIBRARIES`), its floor. With `--phases WORKDIR OUT`, this file is the timed
 command itself.
 """
 
@@ -27,6 +28,8 @@ import time
 import numpy as np
 
 SEED = ["--config=experiments/seed_mlp.py"]
+# What `--mode=predict` cannot do without: the model's libraries, its checkpoints' and its config's.
+LIBRARIES = "import jax, flax.linen, orbax.checkpoint, ml_collections"
 
 
 def phases(workdir: str, out: str) -> None:
@@ -113,6 +116,7 @@ def compare(trees: dict[str, str], rounds: int, scratch: str) -> None:
   Image.fromarray(255 - test.images_NHWC[0, ..., 0]).resize((280, 280)).save(digit)
   results = {name: {"wall": [], "train": [], "overhead": [], "predict": [], "phases": []}
              for name in trees}
+  libraries = []
   for i in range(rounds):
     for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
       tree, workdir, cache = trees[name], os.path.join(scratch, name), os.path.join(scratch, f"cache_{name}")
@@ -126,6 +130,9 @@ def compare(trees: dict[str, str], rounds: int, scratch: str) -> None:
       for _ in range(2):
         results[name]["predict"].append(_run(tree, ["-m", "mnist_jax.main", "--mode=predict",
                                                     f"--workdir={workdir}", f"--images={digit}"], cache))
+      begin = time.perf_counter()
+      subprocess.run([sys.executable, "-c", LIBRARIES], check=True)
+      libraries.append(time.perf_counter() - begin)
       if i < 3:
         timed_dir, out = os.path.join(scratch, f"{name}_phases"), os.path.join(scratch, f"{name}.json")
         shutil.rmtree(timed_dir, ignore_errors=True)
@@ -155,6 +162,7 @@ def compare(trees: dict[str, str], rounds: int, scratch: str) -> None:
   saved = [np.load(os.path.join(scratch, name, "predictions.npz")) for name in trees]
   same = all(np.array_equal(saved[0][key], saved[1][key]) for key in saved[0].files)
   print(f"predictions.npz identical: {same and saved[0].files == saved[1].files}")
+  print(f"importing predict's libraries alone ({LIBRARIES}): {_summary(libraries)}")
 
 
 if __name__ == "__main__":
